@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what building and testing agentgate needs on a fresh Debian machine, and
+# nothing when it is all there already. Go and Rust (cargo) must be installed.
+set -euo pipefail
+log() { echo "deps: $*" >&2; }
+
+for tool in go cargo; do
+  command -v "$tool" >/dev/null || { log "$tool is required but not installed"; exit 1; }
+done
+for component in fmt clippy; do
+  cargo "$component" --version >/dev/null 2>&1 \
+    || { log "cargo $component is required: rustup component add ${component/fmt/rustfmt}"; exit 1; }
+done
+
+# command → Debian package
+declare -A packages=(
+  [openssl]=openssl
+  [python3]=python3
+  [setsid]=util-linux
+)
+missing=()
+for cmd in "${!packages[@]}"; do
+  command -v "$cmd" >/dev/null || missing+=("${packages[$cmd]}")
+done
+[ -f /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
+
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  log "installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
