@@ -13,8 +13,9 @@ help: ## List the targets
 deps: ## Install what the build and tests need (Debian packages; idempotent)
 	@e2e/deps.sh
 
-controlplane: deps ## Build (or reuse the cached) kube-apiserver, kubectl and etcd
+controlplane: deps ## Build (or reuse the cached) kube-apiserver, kubectl, etcd and helm
 	@$(CONTROLPLANE)/build.sh >/dev/null
+	@$(CONTROLPLANE)/helm.sh >/dev/null
 
 crds: ## Regenerate the CRD manifests (crds/manifests and the chart's copy) from crds/src
 	$(CARGO) run --quiet -p agentgate-crds --bin crdgen -- crds/manifests charts/agentgate/crds

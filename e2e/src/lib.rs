@@ -126,6 +126,16 @@ impl ControlPlane {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `helm --kubeconfig <this control plane>` (helm built by `e2e/controlplane/helm.sh`).
+    pub fn helm(&self) -> Result<Command, String> {
+        let out = run(&mut Command::new(
+            repo_root().join("e2e/controlplane/helm.sh"),
+        ))?;
+        let mut cmd = Command::new(String::from_utf8_lossy(&out.stdout).trim());
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig);
+        Ok(cmd)
+    }
+
     /// A client acting as the admin.
     pub async fn client(&self) -> Client {
         self.client_as(users::ADMIN).await
@@ -162,12 +172,8 @@ impl ControlPlane {
         name
     }
 
-    fn apply_crds(&self) -> Result<(), String> {
-        let manifests = repo_root().join("crds/manifests");
-        run(self
-            .kubectl()
-            .args(["apply", "--server-side", "-f"])
-            .arg(&manifests))?;
+    /// Waits until every agentgate CRD is Established.
+    pub fn wait_for_crds(&self) -> Result<(), String> {
         let crds = agentgate_crds::all_crds().map_err(|e| e.to_string())?;
         let mut wait = self.kubectl();
         wait.args(["wait", "--for=condition=Established", "--timeout=60s"]);
@@ -177,8 +183,16 @@ impl ControlPlane {
                 crd.metadata.name.as_deref().unwrap_or_default()
             ));
         }
-        run(&mut wait)?;
-        Ok(())
+        run(&mut wait).map(drop)
+    }
+
+    fn apply_crds(&self) -> Result<(), String> {
+        let manifests = repo_root().join("crds/manifests");
+        run(self
+            .kubectl()
+            .args(["apply", "--server-side", "-f"])
+            .arg(&manifests))?;
+        self.wait_for_crds()
     }
 }
 
