@@ -12,6 +12,7 @@
 
 mod agentsession;
 mod approval;
+mod bundle;
 mod common;
 mod connection;
 mod manifests;
@@ -19,6 +20,7 @@ mod policy;
 
 pub use agentsession::*;
 pub use approval::*;
+pub use bundle::*;
 pub use common::*;
 pub use connection::*;
 pub use manifests::{CrdManifest, RenderError, all_crds, render_manifest};

@@ -343,7 +343,9 @@ pub struct Masking {
 }
 
 /// A built-in set of detectors: `secrets`, `credentials` or `pii`.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DetectorSet {
     Secrets,

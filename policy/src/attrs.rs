@@ -1,0 +1,130 @@
+//! `RequestAttrs`: what every protocol front end knows about a request, in one shape, so
+//! one evaluation serves them all.
+
+use agentgate_crds::{Protocol, SqlStatementKind};
+use serde::Serialize;
+
+/// Everything the policy engine looks at for one request.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestAttrs {
+    /// The Connection the request came in on.
+    pub connection: String,
+    /// The validated identity of whoever launched the agent, if the request carried one.
+    pub identity: Option<Identity>,
+    /// The protocol-specific facts.
+    pub target: Target,
+}
+
+impl RequestAttrs {
+    /// A request with no connection, identity or facts: what conditions are checked
+    /// against when a policy loads.
+    pub(crate) fn empty() -> Self {
+        Self {
+            connection: String::new(),
+            identity: None,
+            target: Target::Http(HttpRequest::default()),
+        }
+    }
+}
+
+/// A validated identity (from the launching user's JWT).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    /// `iss`.
+    pub issuer: String,
+    /// `sub`.
+    pub subject: String,
+    /// `email` (or `preferred_username`), when present.
+    pub email: Option<String>,
+    /// Groups from the policy's groups claim.
+    pub groups: Vec<String>,
+}
+
+/// Protocol-specific request facts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase", tag = "protocol")]
+pub enum Target {
+    /// An HTTP API request.
+    Http(HttpRequest),
+    /// A Kubernetes API request.
+    Kubernetes(KubernetesRequest),
+    /// One or more SQL statements (one simple-protocol query string, or one Parse).
+    Postgres(SqlRequest),
+}
+
+impl Target {
+    /// The Connection protocol this target belongs to.
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            Target::Http(_) => Protocol::Http,
+            Target::Kubernetes(_) => Protocol::Kubernetes,
+            Target::Postgres(_) => Protocol::Postgres,
+        }
+    }
+}
+
+/// An HTTP request after path normalization.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRequest {
+    /// Upper-case method.
+    pub method: String,
+    /// Host the agent addressed (without port), lower case.
+    pub host: String,
+    /// Percent-decoded (once), dot-segment-free path.
+    pub path: String,
+    /// Raw query string, without `?`.
+    pub query: String,
+}
+
+/// A Kubernetes API request as the API server's request-info logic reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubernetesRequest {
+    /// Whether the path names an API resource (`/api/...`, `/apis/...`) rather than a
+    /// non-resource URL (`/version`, `/healthz`, discovery).
+    pub is_resource_request: bool,
+    /// RBAC verb: get, list, watch, create, update, patch, delete, deletecollection, proxy;
+    /// for non-resource requests the lower-case HTTP method.
+    pub verb: String,
+    /// API group (`""` for the core group).
+    pub api_group: String,
+    /// API version.
+    pub api_version: String,
+    /// Resource (plural).
+    pub resource: String,
+    /// Subresource (`exec`, `log`, `status`, …).
+    pub subresource: String,
+    /// Namespace, empty for cluster-scoped requests.
+    pub namespace: String,
+    /// Object name, empty for collections.
+    pub name: String,
+    /// The request path.
+    pub path: String,
+}
+
+/// The statements of one SQL request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SqlRequest {
+    /// Each statement, in order. Text the parser rejects is one statement of kind `other`.
+    pub statements: Vec<SqlStatement>,
+    /// Hash of the normalized text (literals removed).
+    pub fingerprint: String,
+}
+
+/// One classified SQL statement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SqlStatement {
+    /// Statement kind.
+    pub kind: SqlStatementKind,
+    /// Every table touched, as `schema.table`.
+    pub tables: Vec<String>,
+    /// For UPDATE/DELETE: whether there is a WHERE clause.
+    pub has_where: bool,
+    /// Functions called that are known to be dangerous (`pg_read_file`, `dblink`, …).
+    pub dangerous_functions: Vec<String>,
+}

@@ -1,0 +1,26 @@
+//! Classification: from a protocol's raw request to [`RequestAttrs`](crate::RequestAttrs)
+//! facts. Anything that cannot be classified with certainty is an error, which the
+//! callers turn into a denial.
+
+mod http;
+mod kubernetes;
+
+pub use http::{classify_http, normalize_host, normalize_path};
+pub use kubernetes::classify_kubernetes;
+
+/// Why a request could not be classified.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClassifyError {
+    /// The path is malformed, or is not in canonical form (dot segments, empty segments,
+    /// encoded slashes, double encoding), so what the upstream would serve is uncertain.
+    #[error("request path {path:?} is not canonical: {why}")]
+    NonCanonicalPath {
+        /// The raw path.
+        path: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A Kubernetes path with a special verb but nothing after it.
+    #[error("kubernetes request path {0:?} is incomplete")]
+    IncompleteKubernetesPath(String),
+}
