@@ -1,7 +1,218 @@
 //! agentgate's sidecar proxy, one per agent pod: every request the agent makes to a
 //! `Connection` passes through it — identity, classification, the policy decision, the
 //! approval hold, credential injection, response masking and the audit record, in that
-//! order (see `docs/architecture.md`).
+//! order (see `docs/architecture.md` and [`gateway::handle`]).
 //!
 //! It must never forward a request it could not decide, never let a credential or an
 //! unmasked secret reach the agent, a log line or an audit record.
+
+pub mod admin;
+pub mod approval;
+pub mod audit;
+pub mod body;
+pub mod config;
+pub mod gateway;
+pub mod identity;
+pub mod metrics;
+pub mod refusal;
+pub mod runtime;
+pub mod tls;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::io::Read as _;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use agentgate_crds::{Protocol, TlsMode};
+use arc_swap::ArcSwap;
+
+use crate::approval::NotConfigured;
+use crate::audit::Audit;
+use crate::config::Settings;
+use crate::gateway::Gateway;
+use crate::identity::IdentityValidator;
+use crate::metrics::Metrics;
+use crate::runtime::{Runtime, Sources};
+
+/// Why the sidecar could not start. Each is a configuration problem (exit code 64).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The audit sink cannot be opened.
+    #[error("cannot open the audit sink: {0}")]
+    Audit(std::io::Error),
+    /// The hash key file cannot be read.
+    #[error("cannot read the hash key: {0}")]
+    HashKey(std::io::Error),
+    /// The extra CA file is unusable.
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+    /// A port cannot be bound.
+    #[error("cannot listen on {addr}: {error}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The error.
+        error: std::io::Error,
+    },
+}
+
+/// Each Connection's listener (by name and port), or why it could not bind.
+type Listeners = HashMap<(String, u16), Result<tokio::task::JoinHandle<()>, String>>;
+
+/// A running sidecar: the gateway and the listeners bound for it.
+#[derive(Debug)]
+pub struct Sidecar {
+    /// The request pipeline's shared state.
+    pub gateway: Arc<Gateway>,
+    listen_ip: std::net::IpAddr,
+    listeners: Mutex<Listeners>,
+}
+
+impl Sidecar {
+    /// Binds a listener for every http and kubernetes Connection of `runtime` that has
+    /// none yet. A Connection that disappears keeps its listener, whose requests are then
+    /// denied as not configured.
+    fn ensure_listeners(&self, runtime: &Runtime) {
+        let mut listeners = self
+            .listeners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for c in runtime.policy.connections() {
+            if c.spec.protocol == Protocol::Postgres {
+                tracing::warn!(connection = %c.name, "postgres connections are not served by this sidecar version; its requests cannot reach the database");
+                continue;
+            }
+            let key = (c.name.clone(), c.spec.listen.port);
+            if listeners.get(&key).is_some_and(Result::is_ok) {
+                continue;
+            }
+            let addr = std::net::SocketAddr::new(self.listen_ip, c.spec.listen.port);
+            let bound = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(tokio::net::TcpListener::from_std);
+            let entry = match bound {
+                Ok(listener) => {
+                    tracing::info!(connection = %c.name, %addr, protocol = ?c.spec.protocol, "listening");
+                    Ok(tokio::spawn(gateway::serve(
+                        listener,
+                        c.name.clone(),
+                        self.gateway.clone(),
+                    )))
+                }
+                Err(e) => {
+                    tracing::error!(connection = %c.name, %addr, error = %e, "cannot listen");
+                    Err(format!(
+                        "cannot listen on {addr} for Connection {}: {e}",
+                        c.name
+                    ))
+                }
+            };
+            listeners.insert(key, entry);
+        }
+    }
+
+    /// Why the sidecar is not ready, or `None` when it is.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if !self.gateway.config.load().loaded {
+            return Some("no valid bundle loaded yet".into());
+        }
+        let listeners = self
+            .listeners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        listeners.values().find_map(|l| l.as_ref().err().cloned())
+    }
+}
+
+fn hash_key(settings: &Settings) -> Result<Vec<u8>, StartError> {
+    match &settings.hash_key_file {
+        Some(path) => std::fs::read(path).map_err(StartError::HashKey),
+        None => {
+            let mut key = vec![0u8; 32];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut key))
+                .map_err(StartError::HashKey)?;
+            Ok(key)
+        }
+    }
+}
+
+/// Starts the sidecar: loads the configuration (denying everything until a valid one
+/// loads), binds the listeners and the admin server, and watches for changes. Returns
+/// when `shutdown` completes.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    let metrics = Metrics::new();
+    let audit = Audit::open(&settings.audit).map_err(StartError::Audit)?;
+    let extra: Vec<&std::path::Path> = settings
+        .extra_ca_file
+        .iter()
+        .map(std::path::PathBuf::as_path)
+        .collect();
+    let identity_client = tls::http_client(tls::root_store(&extra)?, TlsMode::VerifyFull, None)?;
+    let sources = Sources {
+        bundle: settings.bundle.clone(),
+        labels: settings.pod_labels.clone(),
+        credentials_dir: settings.credentials_dir.clone(),
+        extra_ca: settings.extra_ca_file.clone(),
+        hash_key: hash_key(&settings)?,
+    };
+    let initial = match runtime::load(&sources) {
+        Ok(r) => {
+            metrics.bundle_loaded.set(1);
+            metrics.config_reloads.with_label_values(&["applied"]).inc();
+            tracing::info!(hash = %r.source_hash, "configuration loaded");
+            r
+        }
+        Err(e) => {
+            metrics.config_reloads.with_label_values(&["invalid"]).inc();
+            tracing::error!(error = %e, "no valid configuration; denying every request until one loads");
+            Runtime::deny_all()
+        }
+    };
+    let config = Arc::new(ArcSwap::from_pointee(initial));
+    let gateway = Arc::new(Gateway {
+        pod: settings.pod_name.clone(),
+        namespace: settings.pod_namespace.clone(),
+        max_buffered_bytes: settings.max_buffered_bytes,
+        config: config.clone(),
+        identity: IdentityValidator::new(identity_client),
+        audit,
+        metrics: metrics.clone(),
+        approvals: Arc::new(NotConfigured),
+        requests: AtomicU64::new(0),
+    });
+    let sidecar = Arc::new(Sidecar {
+        gateway,
+        listen_ip: settings.listen_ip,
+        listeners: Mutex::new(HashMap::new()),
+    });
+    sidecar.ensure_listeners(&config.load());
+
+    let admin = tokio::net::TcpListener::bind(settings.admin_addr)
+        .await
+        .map_err(|error| StartError::Bind {
+            addr: settings.admin_addr.to_string(),
+            error,
+        })?;
+    tracing::info!(addr = %settings.admin_addr, "admin server listening");
+    let admin = tokio::spawn(admin::serve(admin, sidecar.clone()));
+    let watcher = {
+        let sidecar = sidecar.clone();
+        tokio::spawn(runtime::watch(
+            sources,
+            config,
+            metrics,
+            settings.reload_interval,
+            move |r| sidecar.ensure_listeners(r),
+        ))
+    };
+    shutdown.await;
+    tracing::info!("shutting down");
+    admin.abort();
+    watcher.abort();
+    Ok(())
+}

@@ -16,36 +16,38 @@ const CONTEXT: usize = 8;
 const MAX_HELD: usize = 4 * MAX_MATCH_LEN;
 const PEM_BEGIN: &[u8] = b"-----BEGIN";
 
-/// A masker for one streamed body.
-#[derive(Debug)]
-pub struct MaskStream<'p> {
-    profile: &'p MaskingProfile,
+/// The state of masking one streamed body; each call takes the profile, so the stream
+/// can live next to an `Arc` of it.
+#[derive(Debug, Default)]
+pub struct MaskStream {
     buf: Vec<u8>,
     /// `buf[..ctx]` was released already and is only look-behind.
     ctx: usize,
 }
 
-impl<'p> MaskStream<'p> {
-    /// Starts masking a body with `profile`.
-    pub fn new(profile: &'p MaskingProfile) -> Self {
-        Self {
-            profile,
-            buf: Vec::new(),
-            ctx: 0,
-        }
+impl MaskStream {
+    /// Starts masking a body.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Takes the next chunk and appends what can be released, masked, to `out`.
-    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>, report: &mut MaskReport) {
+    pub fn push(
+        &mut self,
+        profile: &MaskingProfile,
+        chunk: &[u8],
+        out: &mut Vec<u8>,
+        report: &mut MaskReport,
+    ) {
         self.buf.extend_from_slice(chunk);
         if chunk.contains(&b'\n') || self.held() > MAX_MATCH_LEN {
-            self.flush(false, out, report);
+            self.flush(profile, false, out, report);
         }
     }
 
     /// Ends the body: releases everything still held, masked.
-    pub fn finish(mut self, out: &mut Vec<u8>, report: &mut MaskReport) {
-        self.flush(true, out, report);
+    pub fn finish(&mut self, profile: &MaskingProfile, out: &mut Vec<u8>, report: &mut MaskReport) {
+        self.flush(profile, true, out, report);
     }
 
     /// Bytes held back, not yet released.
@@ -53,13 +55,18 @@ impl<'p> MaskStream<'p> {
         self.buf.len() - self.ctx
     }
 
-    fn flush(&mut self, last: bool, out: &mut Vec<u8>, report: &mut MaskReport) {
-        let hits = self.profile.scan(&self.buf, self.ctx);
+    fn flush(
+        &mut self,
+        profile: &MaskingProfile,
+        last: bool,
+        out: &mut Vec<u8>,
+        report: &mut MaskReport,
+    ) {
+        let hits = profile.scan(&self.buf, self.ctx);
         let len = self.buf.len();
         let cut = if last { len } else { self.cut_point(&hits) };
         let released: Vec<_> = hits.into_iter().filter(|h| h.mask_end <= cut).collect();
-        self.profile
-            .splice(&self.buf, self.ctx, cut, &select(released), out, report);
+        profile.splice(&self.buf, self.ctx, cut, &select(released), out, report);
         let keep_from = cut.saturating_sub(CONTEXT);
         self.buf.drain(..keep_from);
         self.ctx = cut - keep_from;

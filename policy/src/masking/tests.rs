@@ -179,15 +179,15 @@ fn custom_patterns_and_bad_ones() {
 }
 
 fn stream_chunks(p: &MaskingProfile, chunks: &[&[u8]]) -> (Vec<u8>, MaskReport, Vec<usize>) {
-    let mut stream = MaskStream::new(p);
+    let mut stream = MaskStream::new();
     let mut out = Vec::new();
     let mut report = MaskReport::default();
     let mut released = Vec::new();
     for chunk in chunks {
-        stream.push(chunk, &mut out, &mut report);
+        stream.push(p, chunk, &mut out, &mut report);
         released.push(out.len());
     }
-    stream.finish(&mut out, &mut report);
+    stream.finish(p, &mut out, &mut report);
     (out, report, released)
 }
 
@@ -228,11 +228,11 @@ fn complete_lines_are_released_at_once() {
         "the first event must not wait for the second"
     );
     // Without a newline, output waits — but never more than the window.
-    let mut stream = MaskStream::new(&p);
+    let mut stream = MaskStream::new();
     let mut out = Vec::new();
     let mut report = MaskReport::default();
     for _ in 0..100 {
-        stream.push(&[b'x'; 1024], &mut out, &mut report);
+        stream.push(&p, &[b'x'; 1024], &mut out, &mut report);
         assert!(
             stream.held() <= MAX_MATCH_LEN + 1024,
             "held {}",

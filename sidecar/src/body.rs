@@ -1,0 +1,229 @@
+//! Response bodies on their way to the agent: masked on the fly with bounded memory,
+//! held to `limits.maxResponseBytes`, and reported (bytes, masked values) when they end.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use agentgate_policy::masking::{MaskReport, MaskStream, MaskingProfile};
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::tls::BodyError;
+
+/// How a body is masked.
+#[derive(Debug)]
+pub enum Mode {
+    /// Nothing to mask: bytes pass as they are (still counted and limited).
+    Pass,
+    /// Text masked line by line.
+    Text(MaskStream),
+    /// Newline-delimited JSON (Kubernetes watch events): each line masked as a JSON
+    /// document, so structure-aware rules (Secret data, JSON paths) apply to streams too.
+    JsonLines(Vec<u8>),
+}
+
+/// What a finished (or abandoned) body reports.
+#[derive(Debug, Default)]
+pub struct Completion {
+    /// Bytes sent to the agent.
+    pub bytes: u64,
+    /// Values masked.
+    pub report: MaskReport,
+    /// Why the body ended early, if it did.
+    pub error: Option<String>,
+}
+
+type OnEnd = Box<dyn FnOnce(Completion) + Send + Sync>;
+
+/// A masked, limited response body.
+pub struct MaskedBody {
+    inner: Incoming,
+    mode: Mode,
+    profile: Arc<MaskingProfile>,
+    limit: Option<u64>,
+    max_line: usize,
+    sent: u64,
+    report: MaskReport,
+    pending: Option<Bytes>,
+    finished: bool,
+    on_end: Option<OnEnd>,
+}
+
+impl std::fmt::Debug for MaskedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MaskedBody")
+            .field("mode", &self.mode)
+            .field("sent", &self.sent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MaskedBody {
+    /// Wraps an upstream body. `on_end` runs once, when the body ends or is dropped.
+    pub fn new(
+        inner: Incoming,
+        mode: Mode,
+        profile: Arc<MaskingProfile>,
+        limit: Option<u64>,
+        max_line: usize,
+        on_end: impl FnOnce(Completion) + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            inner,
+            mode,
+            profile,
+            limit,
+            max_line,
+            sent: 0,
+            report: MaskReport::default(),
+            pending: None,
+            finished: false,
+            on_end: Some(Box::new(on_end)),
+        }
+    }
+
+    fn process(&mut self, data: &[u8], last: bool) -> Result<Vec<u8>, String> {
+        let mut out = Vec::with_capacity(data.len());
+        match &mut self.mode {
+            Mode::Pass => out.extend_from_slice(data),
+            Mode::Text(stream) => {
+                stream.push(&self.profile, data, &mut out, &mut self.report);
+                if last {
+                    stream.finish(&self.profile, &mut out, &mut self.report);
+                }
+            }
+            Mode::JsonLines(buf) => {
+                buf.extend_from_slice(data);
+                let complete = if last {
+                    buf.len()
+                } else {
+                    buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1)
+                };
+                for line in buf[..complete].split_inclusive(|b| *b == b'\n') {
+                    mask_json_line(&self.profile, line, &mut out, &mut self.report);
+                }
+                buf.drain(..complete);
+                if buf.len() > self.max_line {
+                    return Err(format!(
+                        "a streamed JSON line exceeds {} bytes and cannot be masked",
+                        self.max_line
+                    ));
+                }
+            }
+        }
+        self.sent += out.len() as u64;
+        if let Some(limit) = self.limit.filter(|l| self.sent > *l) {
+            return Err(format!(
+                "the response exceeds limits.maxResponseBytes ({limit} bytes) and was cut off"
+            ));
+        }
+        Ok(out)
+    }
+
+    fn end(&mut self, error: Option<String>) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end(Completion {
+                bytes: self.sent,
+                report: std::mem::take(&mut self.report),
+                error,
+            });
+        }
+    }
+}
+
+/// Masks one line of newline-delimited JSON; a line that is not JSON is masked as text.
+pub fn mask_json_line(
+    profile: &MaskingProfile,
+    line: &[u8],
+    out: &mut Vec<u8>,
+    report: &mut MaskReport,
+) {
+    let trimmed = line.trim_ascii();
+    if trimmed.is_empty() {
+        out.extend_from_slice(line);
+        return;
+    }
+    match serde_json::from_slice::<serde_json::Value>(trimmed) {
+        Ok(mut doc) => {
+            profile.mask_json(&mut doc, report);
+            out.extend_from_slice(doc.to_string().as_bytes());
+            if line.ends_with(b"\n") {
+                out.push(b'\n');
+            }
+        }
+        Err(_) => out.extend_from_slice(&profile.mask_bytes(line, report)),
+    }
+}
+
+impl HttpBody for MaskedBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(data) = this.pending.take() {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            let next = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+            let (data, last) = match next {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => (data, false),
+                    // Trailers carry no body bytes; they are not passed on.
+                    Err(_) => continue,
+                },
+                Some(Err(e)) => {
+                    this.finished = true;
+                    this.end(Some(format!("upstream body failed: {e}")));
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                None => {
+                    this.finished = true;
+                    (Bytes::new(), true)
+                }
+            };
+            match this.process(&data, last) {
+                Ok(out) => {
+                    if last {
+                        this.end(None);
+                    }
+                    if !out.is_empty() {
+                        this.pending = Some(Bytes::from(out));
+                    }
+                }
+                Err(reason) => {
+                    this.finished = true;
+                    this.end(Some(reason.clone()));
+                    return Poll::Ready(Some(Err(reason.into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished && self.pending.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.mode {
+            Mode::Pass => self.inner.size_hint(),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for MaskedBody {
+    fn drop(&mut self) {
+        self.end(Some(
+            "the agent closed the connection before the response ended".into(),
+        ));
+    }
+}

@@ -1,0 +1,138 @@
+//! The sidecar's settings: flags, each with an `AGENTGATE_*` environment variable, read
+//! once at start. Tests build [`Settings`] directly and never touch the environment.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// agentgate sidecar: the per-pod gate between an AI agent and production resources.
+///
+/// Listens on 127.0.0.1 for every Connection in the Bundle, decides each request
+/// against the AgentAccessPolicies that select this pod, forwards allowed ones with the
+/// Connection's credentials, masks responses, and writes an audit record per request.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "agentgate-sidecar", version)]
+pub struct Settings {
+    /// The Bundle (`bundle.json`) the operator renders for this namespace.
+    #[arg(
+        long,
+        env = "AGENTGATE_BUNDLE",
+        default_value = "/etc/agentgate/bundle/bundle.json"
+    )]
+    pub bundle: PathBuf,
+
+    /// This pod's labels, as the downward API writes them (`key="value"` per line).
+    #[arg(
+        long,
+        env = "AGENTGATE_POD_LABELS",
+        default_value = "/etc/agentgate/podinfo/labels"
+    )]
+    pub pod_labels: PathBuf,
+
+    /// This pod's name (downward API), recorded in audit events.
+    #[arg(long, env = "AGENTGATE_POD_NAME", default_value = "")]
+    pub pod_name: String,
+
+    /// This pod's namespace (downward API), recorded in audit events.
+    #[arg(long, env = "AGENTGATE_POD_NAMESPACE", default_value = "")]
+    pub pod_namespace: String,
+
+    /// Where the Connections' Secrets are mounted: `<dir>/<secret-name>/<key>`, and
+    /// service-account tokens at `<dir>/serviceaccount-<name>/token`.
+    #[arg(
+        long,
+        env = "AGENTGATE_CREDENTIALS_DIR",
+        default_value = "/var/run/agentgate/credentials"
+    )]
+    pub credentials_dir: PathBuf,
+
+    /// Address the Connection listeners bind to (the agent's loopback).
+    #[arg(long, env = "AGENTGATE_LISTEN_IP", default_value = "127.0.0.1")]
+    pub listen_ip: IpAddr,
+
+    /// Address of the admin server (`/metrics`, `/healthz`, `/readyz`).
+    #[arg(long, env = "AGENTGATE_ADMIN_ADDR", default_value = "0.0.0.0:15020")]
+    pub admin_addr: SocketAddr,
+
+    /// Where audit events go: `stdout`, or `file:<path>` (JSON lines, appended).
+    #[arg(long, env = "AGENTGATE_AUDIT", default_value = "stdout", value_parser = parse_audit_target)]
+    pub audit: AuditTarget,
+
+    /// Extra CA certificates (PEM) trusted for identity providers and upstreams, on top of
+    /// the system roots.
+    #[arg(long, env = "AGENTGATE_EXTRA_CA_FILE")]
+    pub extra_ca_file: Option<PathBuf>,
+
+    /// Key for the `hash` masking replacement; a random one per process when unset (so
+    /// hashes are stable only within one sidecar's life).
+    #[arg(long, env = "AGENTGATE_HASH_KEY_FILE")]
+    pub hash_key_file: Option<PathBuf>,
+
+    /// How often the Bundle and labels files are checked for changes.
+    #[arg(long, env = "AGENTGATE_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub reload_interval: Duration,
+
+    /// The largest response body buffered for JSON-structure masking when the policy
+    /// sets no `limits.maxResponseBytes`.
+    #[arg(long, env = "AGENTGATE_MAX_BUFFERED_BYTES", default_value_t = 16 << 20)]
+    pub max_buffered_bytes: u64,
+
+    /// Log level filter (`info`, `debug`, `agentgate_sidecar=debug,info`).
+    #[arg(long, env = "AGENTGATE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// Where audit events are written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditTarget {
+    /// Standard output, one JSON object per line.
+    Stdout,
+    /// A file, appended to.
+    File(PathBuf),
+}
+
+fn parse_audit_target(s: &str) -> Result<AuditTarget, String> {
+    match s {
+        "stdout" => Ok(AuditTarget::Stdout),
+        _ => match s.strip_prefix("file:") {
+            Some(path) if !path.is_empty() => Ok(AuditTarget::File(PathBuf::from(path))),
+            _ => Err(format!("{s:?} is not `stdout` or `file:<path>`")),
+        },
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = agentgate_policy::parse_duration(s)?;
+    if d.is_zero() {
+        Err("must be more than 0s".to_owned())
+    } else {
+        Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_bad_values() {
+        let s = Settings::try_parse_from(["agentgate-sidecar"]).expect("defaults parse");
+        assert_eq!(s.audit, AuditTarget::Stdout);
+        assert_eq!(s.listen_ip.to_string(), "127.0.0.1");
+        assert_eq!(s.reload_interval, Duration::from_secs(2));
+        let s = Settings::try_parse_from(["agentgate-sidecar", "--audit", "file:/tmp/a.jsonl"])
+            .expect("parses");
+        assert_eq!(s.audit, AuditTarget::File("/tmp/a.jsonl".into()));
+        for bad in [
+            ["--audit", "syslog"],
+            ["--reload-interval", "0s"],
+            ["--admin-addr", "nope"],
+        ] {
+            let err = Settings::try_parse_from(["agentgate-sidecar", bad[0], bad[1]])
+                .expect_err("refused");
+            assert!(err.to_string().contains(bad[1]), "{err}");
+        }
+    }
+}

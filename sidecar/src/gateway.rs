@@ -1,0 +1,729 @@
+//! The HTTP / Kubernetes gateway: one listener per Connection, and the request pipeline.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use agentgate_crds::Protocol;
+use agentgate_policy::classify::{classify_http, classify_kubernetes};
+use agentgate_policy::masking::{MaskReport, MaskStream, MaskingProfile};
+use agentgate_policy::{Decision, EffectiveLimits, RequestAttrs, Target, evaluate};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::approval::{ApprovalHook, ApprovalOutcome, HeldRequest};
+use crate::audit::{Audit, AuditEvent};
+use crate::body::{Completion, MaskedBody, Mode};
+use crate::identity::IdentityValidator;
+use crate::metrics::Metrics;
+use crate::refusal::{Refusal, refusal_response};
+use crate::runtime::Runtime;
+use crate::tls::Body;
+use crate::upstream::Upstream;
+
+/// Everything the pipeline needs, shared by every listener.
+#[derive(Debug)]
+pub struct Gateway {
+    /// This pod's name.
+    pub pod: String,
+    /// This pod's namespace.
+    pub namespace: String,
+    /// The largest body buffered for JSON-structure masking without a policy limit.
+    pub max_buffered_bytes: u64,
+    /// The current configuration.
+    pub config: Arc<ArcSwap<Runtime>>,
+    /// Token validation.
+    pub identity: IdentityValidator,
+    /// The audit sink.
+    pub audit: Audit,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// The approval step.
+    pub approvals: Arc<dyn ApprovalHook>,
+    /// Request counter, for request ids.
+    pub requests: AtomicU64,
+}
+
+/// Serves one Connection's listener until the task is dropped.
+pub async fn serve(listener: TcpListener, connection: String, gateway: Arc<Gateway>) {
+    let connection: Arc<str> = connection.into();
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(connection = %connection, error = %e, "accept failed");
+                continue;
+            }
+        };
+        let (gateway, connection) = (gateway.clone(), connection.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let (gateway, connection) = (gateway.clone(), connection.clone());
+                async move { Ok::<_, Infallible>(handle(gateway, connection, req).await) }
+            });
+            // HTTP/1.1 and h2c (prior knowledge) on the same port.
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "agent connection ended with an error");
+            }
+        });
+    }
+}
+
+/// What is known about a request so far, for its audit events.
+#[derive(Debug, Clone)]
+struct Record {
+    started: Instant,
+    event: AuditEvent,
+}
+
+/// The request pipeline, in the order ARCHITECTURE.md gives and for the reasons it
+/// gives: identity first, because every later step depends on who asked; classification
+/// and the decision before any byte reaches the upstream; approval only for what the
+/// policy holds; the decision recorded before forwarding, so nothing happens unrecorded;
+/// masking before the agent — or the completion record — sees the response.
+pub async fn handle(
+    gw: Arc<Gateway>,
+    connection: Arc<str>,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let runtime = gw.config.load_full();
+    let seq = gw.requests.fetch_add(1, Ordering::Relaxed);
+    let mut record = Record {
+        started: Instant::now(),
+        event: AuditEvent {
+            request_id: format!("{}-{seq}", std::process::id()),
+            pod: gw.pod.clone(),
+            namespace: gw.namespace.clone(),
+            connection: connection.to_string(),
+            request: json!({ "method": req.method().as_str() }),
+            ..Default::default()
+        },
+    };
+    let Some(conn) = runtime.policy.connection(&connection) else {
+        let reason = format!(
+            "Connection {connection} is not configured for this pod; no request on it is allowed"
+        );
+        return gw.refuse(
+            record,
+            Protocol::Http,
+            Refusal::Denied {
+                rule: None,
+                policy: None,
+                reason,
+            },
+        );
+    };
+    let protocol = conn.spec.protocol;
+
+    // 1. identity (only where a policy says how to validate it; elsewhere a token means
+    // nothing, and the policy decides without one)
+    let token = if conn.identities.is_empty() {
+        None
+    } else {
+        bearer_token(req.headers(), protocol)
+    };
+    let identity = match token {
+        None => None,
+        Some(token) => match gw.identity.validate(&token, &conn.identities).await {
+            Ok(identity) => Some(identity),
+            Err(e) => {
+                gw.metrics
+                    .jwt_failures
+                    .with_label_values(&[e.reason()])
+                    .inc();
+                return gw.refuse(record, protocol, Refusal::Identity(e));
+            }
+        },
+    };
+    record.event.identity = identity
+        .as_ref()
+        .map(|i| json!({ "issuer": i.issuer, "subject": i.subject, "email": i.email }));
+
+    // 2. classify
+    let target = match classify(protocol, &req) {
+        Ok(t) => t,
+        Err(e) => return gw.refuse(record, protocol, Refusal::Unclassifiable(e)),
+    };
+    record.event.request = request_summary(&target, &conn.masking);
+    let is_watch = matches!(&target, Target::Kubernetes(k) if k.verb == "watch");
+    let attrs = RequestAttrs {
+        connection: connection.to_string(),
+        identity,
+        target,
+    };
+
+    // 3. decide
+    let evaluation = evaluate(&runtime.policy, &attrs);
+    record.event.policy = evaluation.policy.clone();
+    record.event.rule = evaluation.decision.rule().map(str::to_owned);
+
+    // 4. approve
+    match &evaluation.decision {
+        Decision::Allow { .. } => {}
+        Decision::Deny { rule, reason } => {
+            let refusal = Refusal::Denied {
+                rule: rule.clone(),
+                policy: evaluation.policy.clone(),
+                reason: reason.clone(),
+            };
+            return gw.refuse(record, protocol, refusal);
+        }
+        Decision::RequireApproval { rule, approval } => {
+            let held = HeldRequest {
+                attrs: &attrs,
+                rule: rule.as_deref(),
+                policy: evaluation.policy.as_deref(),
+                approval,
+            };
+            match gw.approvals.decide(held).await {
+                ApprovalOutcome::Approved { approval } => {
+                    record.event.reason = Some(format!("approved in {approval}"))
+                }
+                ApprovalOutcome::Refused { reason } => {
+                    return gw.refuse(
+                        record,
+                        protocol,
+                        Refusal::NotApproved {
+                            rule: rule.clone(),
+                            reason,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    record.event.decision = "allow".into();
+    record.event.kind = "decision";
+    if let Err(e) = gw.audit.record(&record.event) {
+        gw.metrics
+            .audit_failures
+            .with_label_values(&[gw.audit.sink()])
+            .inc();
+        tracing::error!(error = %e, "refusing a request because its decision cannot be recorded");
+        return gw.refuse(record, protocol, Refusal::AuditUnavailable);
+    }
+
+    // 5. forward
+    let upstream = match runtime.upstreams.get(&*connection) {
+        Some(Ok(u)) => u.clone(),
+        Some(Err(e)) => return gw.refuse(record, protocol, Refusal::Upstream(e.clone())),
+        None => {
+            return gw.refuse(
+                record,
+                protocol,
+                Refusal::Upstream("this connection has no upstream in this sidecar".into()),
+            );
+        }
+    };
+    let agent_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let upstream_request = match upstream_request(req, &upstream) {
+        Ok(r) => r,
+        Err(refusal) => return gw.refuse(record, protocol, refusal),
+    };
+    let mut response = match upstream.client.request(upstream_request).await {
+        Ok(r) => r,
+        Err(e) => {
+            return gw.refuse(
+                record,
+                protocol,
+                Refusal::Upstream(format!("the upstream request failed: {e}")),
+            );
+        }
+    };
+    if let Some(agent_upgrade) = agent_upgrade
+        && response.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        return gw.relay(record, agent_upgrade, response);
+    }
+
+    // 6. mask, 7. record (when the body ends)
+    strip_hop_by_hop(response.headers_mut(), false);
+    gw.masked_response(
+        record,
+        protocol,
+        response,
+        evaluation.masking,
+        evaluation.limits,
+        is_watch,
+    )
+    .await
+}
+
+impl Gateway {
+    /// Refuses a request: records it, counts it, answers the agent.
+    fn refuse(&self, mut record: Record, protocol: Protocol, refusal: Refusal) -> Response<Body> {
+        record.event.kind = "decision";
+        record.event.decision = refusal.decision().into();
+        record.event.rule = refusal.rule().map(str::to_owned).or(record.event.rule);
+        record.event.reason = Some(refusal.reason());
+        record.event.status = Some(refusal.status().as_u16());
+        record.event.latency_ms = Some(record.started.elapsed().as_secs_f64() * 1000.0);
+        if let Err(e) = self.audit.record(&record.event) {
+            self.metrics
+                .audit_failures
+                .with_label_values(&[self.audit.sink()])
+                .inc();
+            tracing::error!(error = %e, "a refusal could not be recorded");
+        }
+        self.count(&record, refusal.decision());
+        tracing::info!(request_id = %record.event.request_id, connection = %record.event.connection,
+            decision = refusal.decision(), rule = refusal.rule(), reason = %refusal.reason(), "request refused");
+        refusal_response(protocol, &record.event.connection, &refusal)
+    }
+
+    fn count(&self, record: &Record, decision: &str) {
+        let connection = record.event.connection.as_str();
+        self.metrics
+            .requests
+            .with_label_values(&[connection, decision])
+            .inc();
+        self.metrics
+            .request_seconds
+            .with_label_values(&[connection])
+            .observe(record.started.elapsed().as_secs_f64());
+    }
+
+    fn complete(&self, mut record: Record, status: StatusCode, done: Completion) {
+        record.event.kind = "completed";
+        record.event.status = Some(status.as_u16());
+        record.event.bytes = Some(done.bytes);
+        record.event.latency_ms = Some(record.started.elapsed().as_secs_f64() * 1000.0);
+        record.event.masked = done.report.counts().clone();
+        for (detector, n) in done.report.counts() {
+            self.metrics
+                .masked_values
+                .with_label_values(&[detector.as_str()])
+                .inc_by(*n);
+        }
+        if let Some(error) = &done.error {
+            record.event.reason = Some(error.clone());
+            self.metrics
+                .responses_refused
+                .with_label_values(&["cut_off"])
+                .inc();
+        }
+        if let Err(e) = self.audit.record(&record.event) {
+            self.metrics
+                .audit_failures
+                .with_label_values(&[self.audit.sink()])
+                .inc();
+            tracing::error!(error = %e, "a completed request could not be recorded");
+        }
+        self.count(&record, "allow");
+    }
+
+    /// Chooses how to mask the response, and wraps or buffers its body accordingly.
+    async fn masked_response(
+        self: &Arc<Self>,
+        record: Record,
+        protocol: Protocol,
+        response: Response<Incoming>,
+        masking: Arc<MaskingProfile>,
+        limits: EffectiveLimits,
+        is_watch: bool,
+    ) -> Response<Body> {
+        let (mut parts, body) = response.into_parts();
+        let mode = match body_mode(&masking, &parts.headers, is_watch) {
+            Ok(mode) => mode,
+            Err(reason) => {
+                self.metrics
+                    .responses_refused
+                    .with_label_values(&["unmaskable"])
+                    .inc();
+                return self.refuse(record, protocol, Refusal::Response(reason));
+            }
+        };
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if let (Some(limit), Some(length)) = (limits.max_response_bytes, declared)
+            && length > limit
+        {
+            self.metrics
+                .responses_refused
+                .with_label_values(&["too_large"])
+                .inc();
+            let reason = format!(
+                "the response ({length} bytes) exceeds limits.maxResponseBytes ({limit} bytes)"
+            );
+            return self.refuse(record, protocol, Refusal::Response(reason));
+        }
+        let status = parts.status;
+        let Some(mode) = mode else {
+            // A whole JSON document, masked with its structure.
+            let cap = limits.max_response_bytes.unwrap_or(self.max_buffered_bytes);
+            let bytes = match Limited::new(body, usize::try_from(cap).unwrap_or(usize::MAX))
+                .collect()
+                .await
+            {
+                Ok(collected) => collected.to_bytes(),
+                Err(e) => {
+                    self.metrics
+                        .responses_refused
+                        .with_label_values(&["too_large"])
+                        .inc();
+                    let reason = format!(
+                        "the response could not be read whole for masking (limit {cap} bytes): {e}"
+                    );
+                    return self.refuse(record, protocol, Refusal::Response(reason));
+                }
+            };
+            let mut report = MaskReport::default();
+            let masked = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(mut doc) => {
+                    masking.mask_json(&mut doc, &mut report);
+                    Bytes::from(doc.to_string())
+                }
+                Err(_) => Bytes::from(masking.mask_bytes(&bytes, &mut report).into_owned()),
+            };
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(masked.len()));
+            self.complete(
+                record,
+                status,
+                Completion {
+                    bytes: masked.len() as u64,
+                    report,
+                    error: None,
+                },
+            );
+            return Response::from_parts(
+                parts,
+                Full::new(masked).map_err(|never| match never {}).boxed(),
+            );
+        };
+        if !matches!(mode, Mode::Pass) {
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        let gw = self.clone();
+        let max_line =
+            usize::try_from(limits.max_response_bytes.unwrap_or(self.max_buffered_bytes))
+                .unwrap_or(usize::MAX);
+        let body = MaskedBody::new(
+            body,
+            mode,
+            masking,
+            limits.max_response_bytes,
+            max_line,
+            move |done| gw.complete(record, status, done),
+        );
+        Response::from_parts(parts, body.boxed())
+    }
+
+    /// An upgraded stream (`kubectl exec`, `port-forward`, websockets): decided on the
+    /// upgrade request, then relayed byte for byte. Only the byte counts are recorded.
+    fn relay(
+        self: &Arc<Self>,
+        record: Record,
+        agent: hyper::upgrade::OnUpgrade,
+        mut response: Response<Incoming>,
+    ) -> Response<Body> {
+        let upstream = hyper::upgrade::on(&mut response);
+        let gw = self.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let (agent, upstream) = (agent.await?, upstream.await?);
+                let (mut agent, mut upstream) = (TokioIo::new(agent), TokioIo::new(upstream));
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    tokio::io::copy_bidirectional(&mut agent, &mut upstream).await?,
+                )
+            }
+            .await;
+            let mut record = record;
+            let (to_upstream, to_agent, error) = match result {
+                Ok((up, down)) => (up, down, None),
+                Err(e) => (0, 0, Some(e.to_string())),
+            };
+            record.event.relayed = Some(json!({ "toUpstream": to_upstream, "toAgent": to_agent }));
+            gw.complete(
+                record,
+                StatusCode::SWITCHING_PROTOCOLS,
+                Completion {
+                    bytes: to_agent,
+                    report: MaskReport::default(),
+                    error,
+                },
+            );
+        });
+        let (parts, _) = response.into_parts();
+        Response::from_parts(
+            parts,
+            Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+    }
+}
+
+/// The launching user's token: `Proxy-Authorization: Bearer`, or — on a kubernetes
+/// Connection, where kubectl can only send its kubeconfig token — `Authorization: Bearer`.
+fn bearer_token(headers: &HeaderMap, protocol: Protocol) -> Option<String> {
+    let from = |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, token) = v.trim().split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then(|| token.trim().to_owned())
+            })
+    };
+    from(header::PROXY_AUTHORIZATION).or_else(|| {
+        if protocol == Protocol::Kubernetes {
+            from(header::AUTHORIZATION)
+        } else {
+            None
+        }
+    })
+}
+
+fn classify(
+    protocol: Protocol,
+    req: &Request<Incoming>,
+) -> Result<Target, agentgate_policy::classify::ClassifyError> {
+    let path = req.uri().path();
+    let query = req.uri().query().unwrap_or_default();
+    match protocol {
+        Protocol::Kubernetes => {
+            classify_kubernetes(req.method().as_str(), path, query).map(Target::Kubernetes)
+        }
+        _ => {
+            let host = req.uri().host().map(str::to_owned).or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            });
+            classify_http(
+                req.method().as_str(),
+                &host.unwrap_or_default(),
+                path,
+                query,
+            )
+            .map(Target::Http)
+        }
+    }
+}
+
+/// The classified request for the audit trail, masked with the connection's profile (a
+/// query string can carry a SAS signature).
+fn request_summary(target: &Target, masking: &MaskingProfile) -> serde_json::Value {
+    let mut summary = match target {
+        Target::Http(h) => {
+            json!({ "method": h.method, "host": h.host, "path": h.path, "query": h.query })
+        }
+        Target::Kubernetes(k) => {
+            json!({ "verb": k.verb, "apiGroup": k.api_group, "resource": k.resource,
+            "subresource": k.subresource, "namespace": k.namespace, "name": k.name, "path": k.path })
+        }
+        Target::Postgres(s) => json!({ "fingerprint": s.fingerprint }),
+    };
+    masking.mask_json(&mut summary, &mut MaskReport::default());
+    summary
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Removes hop-by-hop headers (and those the `Connection` header names); keeps
+/// `Connection: Upgrade` and `Upgrade` when `keep_upgrade`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .filter(|t| !(keep_upgrade && t == "upgrade"))
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ] {
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// The request the upstream gets: the agent's, with its credentials and identity removed
+/// and the Connection's credential injected.
+fn upstream_request(req: Request<Incoming>, upstream: &Upstream) -> Result<Request<Body>, Refusal> {
+    let (mut parts, body) = req.into_parts();
+    let upgrade = is_upgrade(&parts.headers);
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    parts.uri = upstream
+        .uri(&path_and_query)
+        .map_err(|e| Refusal::Upstream(format!("cannot build the upstream URL: {e}")))?;
+    parts.version = http::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    if upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    }
+    // Whatever credentials or identity the agent sent stay here.
+    parts.headers.remove(header::AUTHORIZATION);
+    parts.headers.remove(header::PROXY_AUTHORIZATION);
+    parts.headers.remove(header::COOKIE);
+    // Bodies must arrive uncompressed to be masked.
+    parts.headers.remove(header::ACCEPT_ENCODING);
+    if upstream.protocol == Protocol::Kubernetes
+        && parts
+            .headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("protobuf"))
+    {
+        // Protobuf cannot be masked; the API server serves every type as JSON too.
+        parts
+            .headers
+            .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    }
+    let host = HeaderValue::from_str(upstream.authority().as_str())
+        .map_err(|e| Refusal::Upstream(e.to_string()))?;
+    parts.headers.insert(header::HOST, host);
+    let (name, value) = upstream
+        .credential_header()
+        .map_err(|e| Refusal::Upstream(e.to_string()))?;
+    parts.headers.insert(name, value);
+    Ok(Request::from_parts(
+        parts,
+        body.map_err(|e| Box::new(e) as crate::tls::BodyError)
+            .boxed(),
+    ))
+}
+
+/// How a response body is masked: `Ok(None)` means "buffer the whole JSON document";
+/// an error means it cannot be masked and must not be passed on.
+fn body_mode(
+    masking: &MaskingProfile,
+    headers: &HeaderMap,
+    is_watch: bool,
+) -> Result<Option<Mode>, String> {
+    if masking.is_empty() {
+        return Ok(Some(Mode::Pass));
+    }
+    if let Some(encoding) = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        && !encoding.eq_ignore_ascii_case("identity")
+    {
+        return Err(format!(
+            "the upstream sent a {encoding}-encoded response, which cannot be masked"
+        ));
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let json = content_type.contains("json");
+    let streaming = is_watch
+        || content_type.contains("stream=watch")
+        || content_type.starts_with("text/event-stream");
+    Ok(match () {
+        _ if streaming && json && masking.needs_json_structure() => {
+            Some(Mode::JsonLines(Vec::new()))
+        }
+        _ if streaming => Some(Mode::Text(MaskStream::new())),
+        _ if json && masking.needs_json_structure() => None,
+        _ if content_type.is_empty()
+            || json
+            || content_type.starts_with("text/")
+            || content_type.contains("xml")
+            || content_type.contains("yaml")
+            || content_type.contains("x-www-form-urlencoded") =>
+        {
+            Some(Mode::Text(MaskStream::new()))
+        }
+        _ => {
+            return Err(format!(
+                "the response's content type {content_type:?} cannot be masked"
+            ));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_come_from_proxy_authorization_or_on_kubernetes_authorization() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer agent-token"),
+        );
+        assert_eq!(
+            bearer_token(&h, Protocol::Http),
+            None,
+            "Authorization is the agent's business on http"
+        );
+        assert_eq!(
+            bearer_token(&h, Protocol::Kubernetes).as_deref(),
+            Some("agent-token")
+        );
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("bearer user-jwt"),
+        );
+        assert_eq!(
+            bearer_token(&h, Protocol::Http).as_deref(),
+            Some("user-jwt")
+        );
+        assert_eq!(
+            bearer_token(&h, Protocol::Kubernetes).as_deref(),
+            Some("user-jwt")
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::ACCEPT));
+    }
+}

@@ -1,0 +1,509 @@
+//! The HTTP gateway with real processes on loopback: an HTTPS upstream and an OIDC issuer
+//! written here (hyper + rustls, with their own CA), the sidecar binary in front of the
+//! upstream, and a client playing the agent.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use agentgate_sidecar::audit::verify_chain;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use support::*;
+
+const UPSTREAM_TOKEN: &str = "upstream-secret-token-4711";
+const JWT_IN_STREAM: &str =
+    "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzZXJ2aWNlLWFjY291bnQifQ.c2lnbmF0dXJlLXBhcnQ";
+
+async fn upstream(req: Request<Incoming>) -> Response<TestBody> {
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let json_response = |v: Value| {
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(v.to_string()))
+            .unwrap()
+    };
+    match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/echo") => json_response(json!({
+            "authorization": header("authorization"), "proxyAuthorization": header("proxy-authorization"),
+            "cookie": header("cookie"), "host": header("host"), "path": req.uri().path(), "query": req.uri().query(),
+        })),
+        ("GET", "/secrets") => json_response(json!({
+            "user": "jane.doe@example.com",
+            "config": { "password": "hunter2-secret", "region": "westeurope" },
+            "note": "use Bearer abcdefghijklmnopqrstuvwxyz0123 for the API",
+        })),
+        ("GET", "/stream") => {
+            let (mut tx, body) =
+                http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(4);
+            tokio::spawn(async move {
+                let (a, b) = JWT_IN_STREAM.split_at(30);
+                let _ = tx.send_data(Bytes::from("event one\n")).await;
+                let _ = tx.send_data(Bytes::from(format!("token: {a}"))).await;
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                let _ = tx
+                    .send_data(Bytes::from(format!("{b}\nevent three\n")))
+                    .await;
+            });
+            Response::builder()
+                .header("content-type", "text/plain")
+                .body(body.boxed())
+                .unwrap()
+        }
+        ("GET", "/big") => Response::builder()
+            .header("content-type", "text/plain")
+            .body(full("x".repeat(200 * 1024)))
+            .unwrap(),
+        ("GET", "/binary") => Response::builder()
+            .header("content-type", "application/octet-stream")
+            .body(full(vec![0u8; 16]))
+            .unwrap(),
+        (_, path) if path.starts_with("/subscriptions/") => json_response(json!({ "ok": true })),
+        _ => Response::builder().status(404).body(full("")).unwrap(),
+    }
+}
+
+struct Setup {
+    issuer: OidcIssuer,
+    sidecar: Sidecar,
+    port: u16,
+    bundle: Value,
+}
+
+fn bundle(upstream_port: u16, listen_port: u16, issuer: &str) -> Value {
+    json!({
+        "namespace": "agents",
+        "connections": [{ "name": "api", "generation": 1, "spec": {
+            "protocol": "http",
+            "upstream": { "address": format!("https://127.0.0.1:{upstream_port}"),
+                          "tls": { "mode": "verify-full", "caSecretRef": { "name": "upstream-ca", "key": "ca.crt" } } },
+            "credentials": { "secretRef": { "name": "api-token" } },
+            "listen": { "port": listen_port } } }],
+        "policies": [
+            { "name": "agents", "generation": 1, "spec": {
+                "agentSelector": { "matchLabels": { "agentgate.dev/agent": "claude" } },
+                "identity": { "issuer": issuer, "audiences": [AUDIENCE] },
+                "connections": ["api"],
+                "rules": [
+                    { "name": "reads", "match": { "http": { "methods": ["GET"] } }, "action": "allow" },
+                    { "name": "no-deletes", "match": { "http": { "methods": ["DELETE"], "paths": ["/subscriptions/**"] } }, "action": "deny" },
+                    { "name": "writes-need-sre", "match": { "http": { "methods": ["PUT"], "paths": ["/subscriptions/*/**"] } },
+                      "action": "approve", "approval": { "approvers": { "groups": ["sre-leads"] } } }
+                ],
+                "masking": { "detectors": ["secrets", "credentials", "pii"] },
+                "limits": { "maxResponseBytes": "64Ki" } } },
+            { "name": "other-agents", "generation": 1, "spec": {
+                "agentSelector": { "matchLabels": { "agentgate.dev/agent": "someone-else" } },
+                "connections": ["api"], "defaultAction": "allow" } }
+        ]
+    })
+}
+
+async fn setup() -> Setup {
+    let pki = Pki::new();
+    let upstream_port = https_server(&pki, upstream).await;
+    let issuer = OidcIssuer::start(&pki).await;
+    let port = free_port();
+    let bundle = bundle(upstream_port, port, &issuer.url);
+    let sidecar = Sidecar::start(
+        &bundle,
+        "agentgate.dev/agent=\"claude\"\napp=\"agent\"\n",
+        |dir| {
+            pki.write_ca(&dir.join("credentials/upstream-ca/ca.crt"));
+            pki.write_ca(&dir.join("extra-ca.pem"));
+            std::fs::create_dir_all(dir.join("credentials/api-token")).unwrap();
+            std::fs::write(dir.join("credentials/api-token/token"), UPSTREAM_TOKEN).unwrap();
+        },
+    )
+    .await;
+    Setup {
+        issuer,
+        sidecar,
+        port,
+        bundle,
+    }
+}
+
+impl Setup {
+    async fn send(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("proxy-authorization", format!("Bearer {t}"));
+        }
+        let req = req
+            .header("authorization", "Bearer agent-made-this-up")
+            .header("cookie", "session=agent")
+            .body(full(""))
+            .unwrap();
+        let (status, _, body) = plain_request(self.port, req).await.unwrap();
+        (status, body)
+    }
+
+    fn token(&self) -> String {
+        self.issuer.token(&["developers"], json!({}))
+    }
+}
+
+#[tokio::test]
+async fn allowed_requests_carry_the_connections_credential_never_the_agents() {
+    let s = setup().await;
+    let (status, body) = s.send("GET", "/echo?x=1", Some(&s.token())).await;
+    assert_eq!(status, 200, "{body}\n{}", s.sidecar.log());
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    // The upstream saw the Connection's credential (masked on the way back, as a bearer
+    // token), and none of what the agent sent.
+    assert_eq!(seen["authorization"], "Bearer [masked:bearer-token]");
+    assert_eq!(seen["proxyAuthorization"], Value::Null);
+    assert_eq!(seen["cookie"], Value::Null);
+    assert_eq!(seen["query"], "x=1");
+    assert!(!body.contains(UPSTREAM_TOKEN));
+    assert!(!s.sidecar.audit().contains(UPSTREAM_TOKEN));
+    assert!(!s.sidecar.log().contains(UPSTREAM_TOKEN));
+}
+
+#[tokio::test]
+async fn denials_are_403s_a_model_can_act_on() {
+    let s = setup().await;
+    let token = s.token();
+    let (status, body) = s
+        .send(
+            "DELETE",
+            "/subscriptions/s-1/resourceGroups/rg",
+            Some(&token),
+        )
+        .await;
+    assert_eq!(status, 403);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "denied_by_agentgate");
+    assert_eq!(body["rule"], "no-deletes");
+    assert_eq!(body["policy"], "agents");
+    assert!(
+        body["next"].as_str().unwrap().contains("Do not retry"),
+        "{body}"
+    );
+
+    let (status, body) = s
+        .send("PUT", "/subscriptions/s-1/resourceGroups/rg", Some(&token))
+        .await;
+    assert_eq!(status, 403);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["rule"], "writes-need-sre");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("approvals are not configured"),
+        "{body}"
+    );
+
+    let (status, body) = s.send("POST", "/anything", Some(&token)).await;
+    assert_eq!(status, 403, "no rule matches: the default action denies");
+    assert!(body.contains("default action is deny"), "{body}");
+
+    let (status, body) = s.send("GET", "/a/../echo", Some(&token)).await;
+    assert_eq!(status, 400, "{body}");
+
+    let audit = s.sidecar.audit();
+    assert_eq!(verify_chain(&audit), Ok(audit.lines().count()));
+    let decisions: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        decisions.iter().filter(|e| e["decision"] == "deny").count(),
+        4,
+        "every refusal is recorded: {audit}"
+    );
+    assert!(
+        decisions
+            .iter()
+            .all(|e| e["identity"]["subject"] == "user-123" || e["decision"] == "deny")
+    );
+}
+
+#[tokio::test]
+async fn responses_are_masked_and_nothing_unmasked_is_recorded() {
+    let s = setup().await;
+    let (status, body) = s.send("GET", "/secrets", Some(&s.token())).await;
+    assert_eq!(status, 200);
+    for secret in [
+        "jane.doe@example.com",
+        "hunter2-secret",
+        "abcdefghijklmnopqrstuvwxyz0123",
+    ] {
+        assert!(!body.contains(secret), "{secret} reached the agent: {body}");
+    }
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        doc["config"]["region"], "westeurope",
+        "what is not sensitive passes"
+    );
+    assert_eq!(doc["config"]["password"], "[masked:credential-field]");
+    let audit = s.sidecar.audit();
+    let completed: Value = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["kind"] == "completed")
+        .unwrap();
+    assert_eq!(
+        completed["masked"],
+        json!({ "bearer-token": 1, "credential-field": 1, "email": 1 })
+    );
+    assert!(!audit.contains("hunter2"), "{audit}");
+    let (_, metrics) = s.sidecar.admin("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("agentgate_sidecar_masked_values_total{detector=\"email\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn streamed_responses_are_masked_on_the_fly() {
+    let s = setup().await;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/stream")
+        .header("host", "localhost")
+        .header("proxy-authorization", format!("Bearer {}", s.token()))
+        .body(full(""))
+        .unwrap();
+    let started = Instant::now();
+    let mut body = sender.send_request(req).await.unwrap().into_body();
+    let mut frames: Vec<(Duration, Bytes)> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            frames.push((started.elapsed(), data));
+        }
+    }
+    let text: String = frames
+        .iter()
+        .map(|(_, d)| String::from_utf8_lossy(d))
+        .collect();
+    assert_eq!(text, "event one\ntoken: [masked:jwt]\nevent three\n");
+    // The first event arrived before the upstream paused: it was not held for the rest.
+    assert!(
+        frames[0].0 < Duration::from_millis(500),
+        "first frame after {:?}",
+        frames[0].0
+    );
+    assert_eq!(String::from_utf8_lossy(&frames[0].1), "event one\n");
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_the_reason() {
+    let s = setup().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let b64 = |v: &Value| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let claims =
+        json!({ "iss": s.issuer.url, "sub": "user-123", "aud": AUDIENCE, "exp": now + 3600 });
+    let alg_none = format!(
+        "{}.{}.",
+        b64(&json!({ "alg": "none", "kid": "k1", "typ": "JWT" })),
+        b64(&claims)
+    );
+    // HS256 signed with the issuer's public key as the secret: the classic key confusion.
+    let hs_confusion = jsonwebtoken::encode(
+        &jsonwebtoken::Header {
+            kid: Some("k1".into()),
+            ..jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256)
+        },
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(s.issuer.public_jwk.to_string().as_bytes()),
+    )
+    .unwrap();
+    let cases = [
+        (None, 403, "requires the launching user's token"),
+        (Some("not-a-jwt".to_owned()), 401, "not a well-formed JWT"),
+        (
+            Some(
+                s.issuer
+                    .token(&[], json!({ "exp": now - 3600, "nbf": now - 7200 })),
+            ),
+            401,
+            "expired",
+        ),
+        (
+            Some(s.issuer.token(&[], json!({ "nbf": now + 3600 }))),
+            401,
+            "not valid yet",
+        ),
+        (
+            Some(s.issuer.token(&[], json!({ "aud": "api://someone-else" }))),
+            401,
+            "audience",
+        ),
+        (
+            Some(
+                s.issuer
+                    .token(&[], json!({ "iss": "https://evil.example" })),
+            ),
+            401,
+            "not trusted",
+        ),
+        (
+            Some(s.issuer.sign(&claims, "k-unknown")),
+            401,
+            "the issuer has no key",
+        ),
+        (Some(alg_none), 401, ""),
+        (Some(hs_confusion), 401, "algorithm does not match"),
+    ];
+    for (token, expected, reason) in cases {
+        let (status, body) = s.send("GET", "/echo", token.as_deref()).await;
+        assert_eq!(status, expected, "{token:?}: {body}");
+        assert!(
+            body.contains(reason),
+            "{token:?}: expected {reason:?} in {body}"
+        );
+        assert!(!body.contains(UPSTREAM_TOKEN));
+    }
+    let (_, metrics) = s.sidecar.admin("/metrics").await.unwrap();
+    for reason in [
+        "expired",
+        "not_yet_valid",
+        "wrong_audience",
+        "untrusted_issuer",
+        "unknown_kid",
+        "algorithm_mismatch",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "agentgate_sidecar_jwt_failures_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+    assert!(
+        metrics
+            .contains("agentgate_sidecar_requests_total{connection=\"api\",decision=\"deny\"} 9"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_and_unmaskable_responses_do_not_reach_the_agent() {
+    let s = setup().await;
+    let (status, body) = s.send("GET", "/big", Some(&s.token())).await;
+    assert_eq!(
+        status, 502,
+        "content-length over maxResponseBytes is refused up front"
+    );
+    assert!(body.contains("exceeds limits.maxResponseBytes"), "{body}");
+    let (status, body) = s.send("GET", "/binary", Some(&s.token())).await;
+    assert_eq!(status, 502);
+    assert!(body.contains("cannot be masked"), "{body}");
+}
+
+#[tokio::test]
+async fn h2c_is_served_too() {
+    let s = setup().await;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://127.0.0.1:{}/echo", s.port))
+        .header("proxy-authorization", format!("Bearer {}", s.token()))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+}
+
+#[tokio::test]
+async fn an_invalid_bundle_keeps_the_last_good_one_and_a_valid_one_applies() {
+    let s = setup().await;
+    let token = s.token();
+    s.sidecar.write_bundle("{ not json");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        s.send("GET", "/echo", Some(&token)).await.0,
+        200,
+        "still serving with the last good bundle"
+    );
+    let (_, metrics) = s.sidecar.admin("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("agentgate_sidecar_config_reloads_total{result=\"invalid\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        s.sidecar
+            .log()
+            .contains("new configuration is invalid; keeping the last good one")
+    );
+
+    let mut bundle = s.bundle.clone();
+    bundle["policies"][0]["spec"]["rules"][1]["action"] = json!("allow");
+    s.sidecar.write_bundle(&bundle.to_string());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s
+        .send("DELETE", "/subscriptions/s-1/x", Some(&token))
+        .await
+        .0
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the new bundle was not applied:\n{}",
+            s.sidecar.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_pod_no_policy_selects_is_denied_everything() {
+    let pki = Pki::new();
+    let upstream_port = https_server(&pki, upstream).await;
+    let issuer = OidcIssuer::start(&pki).await;
+    let port = free_port();
+    let _sidecar = Sidecar::start(
+        &bundle(upstream_port, port, &issuer.url),
+        "agentgate.dev/agent=\"gpt\"\n",
+        |dir| {
+            pki.write_ca(&dir.join("credentials/upstream-ca/ca.crt"));
+        },
+    )
+    .await;
+    let req = Request::get("/echo")
+        .header(
+            "proxy-authorization",
+            format!("Bearer {}", issuer.token(&[], json!({}))),
+        )
+        .body(full(""))
+        .unwrap();
+    let (status, _, body) = plain_request(port, req).await.unwrap();
+    assert_eq!(status, 403);
+    assert!(
+        body.contains("no AgentAccessPolicy that selects this pod"),
+        "{body}"
+    );
+}
