@@ -107,6 +107,22 @@ impl ControlPlane {
         &self.kubeconfig
     }
 
+    /// The API server's URL (`https://127.0.0.1:<port>`).
+    pub fn server(&self) -> String {
+        let kubeconfig = std::fs::read_to_string(&self.kubeconfig).unwrap_or_default();
+        kubeconfig
+            .split("server: \"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// The CA certificate (PEM) that signed the API server's serving certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("pki/ca.crt")
+    }
+
     /// Where the control plane keeps its state and logs (`apiserver.log`, `etcd.log`).
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -435,17 +435,17 @@ impl Gateway {
         let upstream = hyper::upgrade::on(&mut response);
         let gw = self.clone();
         tokio::spawn(async move {
-            let result = async {
-                let (agent, upstream) = (agent.await?, upstream.await?);
-                let (mut agent, mut upstream) = (TokioIo::new(agent), TokioIo::new(upstream));
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                    tokio::io::copy_bidirectional(&mut agent, &mut upstream).await?,
-                )
-            }
-            .await;
             let mut record = record;
-            let (to_upstream, to_agent, error) = match result {
-                Ok((up, down)) => (up, down, None),
+            let (to_upstream, to_agent, error) = match tokio::try_join!(agent, upstream) {
+                Ok((agent, upstream)) => {
+                    let (agent_read, agent_write) = tokio::io::split(TokioIo::new(agent));
+                    let (upstream_read, upstream_write) = tokio::io::split(TokioIo::new(upstream));
+                    let ((up, e1), (down, e2)) = tokio::join!(
+                        pump(agent_read, upstream_write),
+                        pump(upstream_read, agent_write)
+                    );
+                    (up, down, e1.or(e2).map(|e| e.to_string()))
+                }
                 Err(e) => (0, 0, Some(e.to_string())),
             };
             record.event.relayed = Some(json!({ "toUpstream": to_upstream, "toAgent": to_agent }));
@@ -466,6 +466,32 @@ impl Gateway {
                 .map_err(|never| match never {})
                 .boxed(),
         )
+    }
+}
+
+/// Copies one direction of a relayed stream, counting bytes even when it ends in an
+/// error; closes the writing side when the reading side ends.
+async fn pump(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+) -> (u64, Option<std::io::Error>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut total = 0u64;
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) => {
+                let _ = to.shutdown().await;
+                return (total, None);
+            }
+            Ok(n) => {
+                if let Err(e) = to.write_all(&buf[..n]).await {
+                    return (total, Some(e));
+                }
+                total += n as u64;
+            }
+            Err(e) => return (total, Some(e)),
+        }
     }
 }
 

@@ -60,6 +60,28 @@ async fn upstream(req: Request<Incoming>) -> Response<TestBody> {
                 .body(body.boxed())
                 .unwrap()
         }
+        ("GET", "/upgrade") => {
+            // An echo protocol over an upgraded connection, as exec and port-forward are.
+            let mut req = req;
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let Ok(io) = upgrade.await else { return };
+                let mut io = hyper_util::rt::TokioIo::new(io);
+                let mut buf = [0u8; 64];
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Response::builder()
+                .status(101)
+                .header("connection", "upgrade")
+                .header("upgrade", "echo")
+                .body(full(""))
+                .unwrap()
+        }
         ("GET", "/big") => Response::builder()
             .header("content-type", "text/plain")
             .body(full("x".repeat(200 * 1024)))
@@ -506,4 +528,54 @@ async fn a_pod_no_policy_selects_is_denied_everything() {
         body.contains("no AgentAccessPolicy that selects this pod"),
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn upgraded_streams_are_decided_then_relayed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup().await;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let req = Request::get("/upgrade")
+        .header("host", "localhost")
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .header("proxy-authorization", format!("Bearer {}", s.token()))
+        .body(full(""))
+        .unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 101, "{}", s.sidecar.log());
+    let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(response).await.unwrap());
+    io.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    io.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    drop(io);
+    // The relay is recorded with its byte counts once it ends.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let audit = s.sidecar.audit();
+        if let Some(e) = audit
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|e| e["status"] == 101)
+        {
+            assert_eq!(e["relayed"], json!({ "toUpstream": 4, "toAgent": 4 }));
+            break;
+        }
+        assert!(Instant::now() < deadline, "no relay record: {audit}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // An upgrade the policy denies never reaches the upstream.
+    let (status, _) = s
+        .send("DELETE", "/subscriptions/s/x", Some(&s.token()))
+        .await;
+    assert_eq!(status, 403);
 }
