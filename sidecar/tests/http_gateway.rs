@@ -579,3 +579,46 @@ async fn upgraded_streams_are_decided_then_relayed() {
         .await;
     assert_eq!(status, 403);
 }
+
+#[tokio::test]
+async fn without_a_valid_bundle_it_is_not_ready_and_denies() {
+    let sidecar = Sidecar::spawn("{\"namespace\": 7}", "", |_| {});
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        match sidecar.admin("/readyz").await {
+            Ok((503, body)) => break body,
+            other => assert!(Instant::now() < deadline, "{other:?}\n{}", sidecar.log()),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(body.contains("no valid bundle loaded yet"), "{body}");
+    let (_, metrics) = sidecar.admin("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("agentgate_sidecar_bundle_loaded 0"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn bad_settings_exit_64_with_a_reason() {
+    for args in [
+        &["--audit", "syslog"][..],
+        &["--admin-addr", "not-an-address"],
+        &["--log", "[["],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentgate-sidecar"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.starts_with("agentgate-sidecar: "), "{stderr}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentgate-sidecar"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("AGENTGATE_BUNDLE"));
+}

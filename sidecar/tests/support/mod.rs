@@ -202,8 +202,15 @@ pub struct Sidecar {
 impl Sidecar {
     /// Writes `bundle` and `labels`, starts the sidecar, waits for `/readyz`.
     pub async fn start(bundle: &Value, labels: &str, setup: impl FnOnce(&Path)) -> Self {
+        let sidecar = Self::spawn(&bundle.to_string(), labels, setup);
+        sidecar.wait_ready().await;
+        sidecar
+    }
+
+    /// Starts the sidecar with `bundle` as the bundle file's text, without waiting.
+    pub fn spawn(bundle: &str, labels: &str, setup: impl FnOnce(&Path)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("bundle.json"), bundle.to_string()).unwrap();
+        std::fs::write(dir.path().join("bundle.json"), bundle).unwrap();
         std::fs::write(dir.path().join("labels"), labels).unwrap();
         std::fs::create_dir_all(dir.path().join("credentials")).unwrap();
         setup(dir.path());
@@ -234,13 +241,11 @@ impl Sidecar {
                 .arg(dir.path().join("extra-ca.pem"));
         }
         let child = cmd.spawn().unwrap();
-        let sidecar = Self {
+        Self {
             dir,
             admin_port,
             child,
-        };
-        sidecar.wait_ready().await;
-        sidecar
+        }
     }
 
     pub async fn wait_ready(&self) {
