@@ -1,0 +1,455 @@
+//! The reconciler: one pass per namespace reads the namespace's Connections, policies,
+//! Secret key names, service accounts and pod labels, [`plan`]s, and writes the result —
+//! each object's `Ready` condition (server-side apply, status subresource), the bundle
+//! ConfigMap (only when its content hash changed), and Events on transitions.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentgate_crds::{
+    AgentAccessPolicy, AgentAccessPolicyStatus, BUNDLE_KEY, Condition, Connection, ConnectionStatus,
+};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::inject::{BUNDLE_CONFIGMAP, KUBECONFIG_KEY};
+use crate::metrics::Metrics;
+use crate::plan::{NamespaceObjects, Readiness, plan};
+
+/// The field manager of everything the operator writes.
+pub const MANAGER: &str = "agentgate-operator";
+/// The label on every object the operator renders.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "agentgate");
+/// The annotation carrying a bundle's content hash.
+pub const HASH_ANNOTATION: &str = "agentgate.dev/bundle-hash";
+/// A namespace label that asks for a bundle even before it has agentgate objects, so
+/// injected pods there get a (deny-all) configuration and become ready.
+pub const NAMESPACE_INJECTION_LABEL: &str = "agentgate.dev/injection";
+
+/// What the reconciler needs.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+/// Why a reconcile failed (it is retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The API server refused or failed a call.
+    #[error("{action}: {source}")]
+    Api {
+        /// What was being done.
+        action: String,
+        /// The error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl ReconcileError {
+    fn reason(&self) -> &'static str {
+        match self {
+            ReconcileError::Api {
+                source: kube::Error::Api(s),
+                ..
+            } if s.code == 409 => "conflict",
+            ReconcileError::Api {
+                source: kube::Error::Api(s),
+                ..
+            } if s.code == 403 => "forbidden",
+            ReconcileError::Api { .. } => "api",
+        }
+    }
+}
+
+fn api_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> ReconcileError {
+    let action = action.into();
+    move |source| ReconcileError::Api { action, source }
+}
+
+/// Runs the reconciler until `shutdown` completes.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let to_namespace = |ns: Option<String>| ns.map(|ns| ObjectRef::<Namespace>::new(&ns));
+    // Metadata only: the operator never streams Secret values.
+    let secrets = watcher(
+        Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .touched_objects();
+    let pods = watcher(
+        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .touched_objects();
+    Controller::new(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .watches(
+        Api::<Connection>::all(client.clone()),
+        watcher::Config::default(),
+        move |c| to_namespace(c.namespace()),
+    )
+    .watches(
+        Api::<AgentAccessPolicy>::all(client.clone()),
+        watcher::Config::default(),
+        move |p| to_namespace(p.namespace()),
+    )
+    .watches(
+        Api::<ServiceAccount>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+        move |s| to_namespace(s.namespace()),
+    )
+    .watches_stream(secrets, move |s| to_namespace(s.namespace()))
+    .watches_stream(pods, move |p| to_namespace(p.namespace()))
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|result| async move {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "reconcile stream");
+        }
+    })
+    .await;
+}
+
+fn error_policy(ns: Arc<Namespace>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconciles.with_label_values(&["error"]).inc();
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[error.reason()])
+        .inc();
+    tracing::warn!(namespace = %ns.name_any(), error = %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Reconciles one namespace.
+pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let namespace = ns.name_any();
+    let objects = read_namespace(&ctx.client, &namespace).await?;
+    let wants_bundle = ns
+        .labels()
+        .get(NAMESPACE_INJECTION_LABEL)
+        .is_some_and(|v| v == "enabled");
+    if objects.connections.is_empty() && objects.policies.is_empty() && !wants_bundle {
+        return Ok(Action::await_change());
+    }
+    let planned = plan(&objects);
+    for (connection, readiness) in objects
+        .connections
+        .iter()
+        .zip(sorted(&planned.connections, &objects.connections))
+    {
+        let status = ConnectionStatus {
+            observed_generation: connection.metadata.generation,
+            conditions: vec![condition(
+                readiness,
+                connection.status.as_ref().map(|s| &s.conditions[..]),
+            )],
+        };
+        write_status(&ctx, connection, &status, readiness, "Connection").await?;
+    }
+    for policy in &objects.policies {
+        let Some(p) = planned
+            .policies
+            .iter()
+            .find(|p| p.readiness.name == policy.name_any())
+        else {
+            continue;
+        };
+        let status = AgentAccessPolicyStatus {
+            observed_generation: policy.metadata.generation,
+            conditions: vec![condition(
+                &p.readiness,
+                policy.status.as_ref().map(|s| &s.conditions[..]),
+            )],
+            connections_resolved: Some(p.connections_resolved),
+            agents_matched: Some(p.agents_matched),
+        };
+        write_status(&ctx, policy, &status, &p.readiness, "AgentAccessPolicy").await?;
+    }
+    write_bundle(&ctx, &namespace, &objects, &planned).await?;
+    ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// The plan's readiness entries in the order of `connections`.
+fn sorted<'a>(readiness: &'a [Readiness], connections: &[Connection]) -> Vec<&'a Readiness> {
+    connections
+        .iter()
+        .filter_map(|c| readiness.iter().find(|r| r.name == c.name_any()))
+        .collect()
+}
+
+async fn read_namespace(
+    client: &Client,
+    namespace: &str,
+) -> Result<NamespaceObjects, ReconcileError> {
+    let lp = ListParams::default();
+    let connections = Api::<Connection>::namespaced(client.clone(), namespace)
+        .list(&lp)
+        .await
+        .map_err(api_err("list Connections"))?;
+    let policies = Api::<AgentAccessPolicy>::namespaced(client.clone(), namespace)
+        .list(&lp)
+        .await
+        .map_err(api_err("list AgentAccessPolicies"))?;
+    // Only the Secrets the Connections name, and only their key names: the values are
+    // dropped here and never leave this function.
+    let referenced: BTreeSet<&String> = connections
+        .items
+        .iter()
+        .flat_map(|c| {
+            let ca = c
+                .spec
+                .upstream
+                .tls
+                .as_ref()
+                .and_then(|t| t.ca_secret_ref.as_ref())
+                .map(|r| &r.name);
+            c.spec
+                .credentials
+                .secret_ref
+                .as_ref()
+                .map(|r| &r.name)
+                .into_iter()
+                .chain(ca)
+        })
+        .collect();
+    let secret_api = Api::<Secret>::namespaced(client.clone(), namespace);
+    let mut secrets = BTreeMap::new();
+    for name in referenced {
+        if let Some(secret) = secret_api
+            .get_opt(name)
+            .await
+            .map_err(api_err(format!("read Secret {name}")))?
+        {
+            let keys: BTreeSet<String> = secret
+                .data
+                .iter()
+                .flat_map(|d| d.keys().cloned())
+                .chain(secret.string_data.iter().flat_map(|d| d.keys().cloned()))
+                .collect();
+            secrets.insert(name.clone(), keys);
+        }
+    }
+    let service_accounts = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .list_metadata(&lp)
+        .await
+        .map_err(api_err("list ServiceAccounts"))?
+        .items
+        .into_iter()
+        .map(|sa| sa.name_any())
+        .collect();
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
+        .list_metadata(&lp)
+        .await
+        .map_err(api_err("list Pods"))?
+        .items
+        .into_iter()
+        .map(|p| p.metadata.labels.unwrap_or_default())
+        .collect();
+    Ok(NamespaceObjects {
+        namespace: namespace.to_owned(),
+        connections: connections.items,
+        policies: policies.items,
+        secrets,
+        service_accounts,
+        pods,
+    })
+}
+
+/// The `Ready` condition, keeping the last transition time while the status stays.
+fn condition(readiness: &Readiness, previous: Option<&[Condition]>) -> Condition {
+    let (status, reason, message) = match &readiness.ready {
+        Ok(message) => ("True", "Ready".to_owned(), message.clone()),
+        Err((reason, message)) => ("False", reason.clone(), message.clone()),
+    };
+    let previous = previous.and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+    let last_transition_time = match previous {
+        Some(p) if p.status == status => p.last_transition_time.clone(),
+        _ => Time(Timestamp::now()),
+    };
+    Condition {
+        type_: "Ready".into(),
+        status: status.into(),
+        reason,
+        message,
+        observed_generation: readiness.generation,
+        last_transition_time,
+    }
+}
+
+async fn write_status<K>(
+    ctx: &Context,
+    object: &K,
+    status: &impl serde::Serialize,
+    readiness: &Readiness,
+    kind: &str,
+) -> Result<(), ReconcileError>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let current = serde_json::to_value(object)
+        .ok()
+        .and_then(|v| v.get("status").cloned())
+        .unwrap_or_default();
+    let desired = serde_json::to_value(status).unwrap_or_default();
+    if current == desired {
+        return Ok(());
+    }
+    let was_ready = current["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+        .map(|c| c["status"] == "True");
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &object.namespace().unwrap_or_default());
+    let patch =
+        json!({ "apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": desired });
+    api.patch_status(
+        &object.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(api_err(format!(
+        "write the status of {kind} {}",
+        object.name_any()
+    )))?;
+    let is_ready = readiness.ready.is_ok();
+    if was_ready != Some(is_ready) {
+        let (type_, reason, note) = match &readiness.ready {
+            Ok(message) => (EventType::Normal, "Ready".to_owned(), message.clone()),
+            Err((reason, message)) => {
+                ctx.metrics
+                    .not_ready
+                    .with_label_values(&[kind, reason])
+                    .inc();
+                (EventType::Warning, reason.clone(), message.clone())
+            }
+        };
+        let event = Event {
+            type_,
+            reason,
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(error = %e, "cannot publish an Event");
+        }
+    }
+    Ok(())
+}
+
+async fn write_bundle(
+    ctx: &Context,
+    namespace: &str,
+    objects: &NamespaceObjects,
+    planned: &crate::plan::Plan,
+) -> Result<(), ReconcileError> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    let existing = api
+        .get_opt(BUNDLE_CONFIGMAP)
+        .await
+        .map_err(api_err("read the bundle"))?;
+    if existing
+        .as_ref()
+        .and_then(|c| c.annotations().get(HASH_ANNOTATION))
+        == Some(&planned.bundle.hash)
+    {
+        return Ok(());
+    }
+    // Owned by every Ready object it renders, so it goes when they all do.
+    let owners: Vec<OwnerReference> = objects
+        .connections
+        .iter()
+        .filter(|c| {
+            planned
+                .bundle
+                .connections
+                .iter()
+                .any(|b| b.name == c.name_any())
+        })
+        .filter_map(|c| c.controller_owner_ref(&()))
+        .chain(
+            objects
+                .policies
+                .iter()
+                .filter(|p| {
+                    planned
+                        .bundle
+                        .policies
+                        .iter()
+                        .any(|b| b.name == p.name_any())
+                })
+                .filter_map(|p| p.controller_owner_ref(&())),
+        )
+        .map(|mut o| {
+            o.controller = Some(false);
+            o
+        })
+        .collect();
+    let mut data = BTreeMap::from([(
+        BUNDLE_KEY.to_owned(),
+        serde_json::to_string_pretty(&planned.bundle).unwrap_or_default(),
+    )]);
+    if let Some(kubeconfig) = &planned.kubeconfig {
+        data.insert(KUBECONFIG_KEY.to_owned(), kubeconfig.clone());
+    }
+    let configmap = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(BUNDLE_CONFIGMAP.into()),
+            namespace: Some(namespace.into()),
+            labels: Some(BTreeMap::from([(
+                MANAGED_BY.0.to_owned(),
+                MANAGED_BY.1.to_owned(),
+            )])),
+            annotations: Some(BTreeMap::from([(
+                HASH_ANNOTATION.to_owned(),
+                planned.bundle.hash.clone(),
+            )])),
+            owner_references: (!owners.is_empty()).then_some(owners),
+            ..Default::default()
+        },
+        data: Some(data),
+        ..Default::default()
+    };
+    api.patch(
+        BUNDLE_CONFIGMAP,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&configmap),
+    )
+    .await
+    .map_err(api_err("write the bundle"))?;
+    tracing::info!(namespace, hash = %planned.bundle.hash, policies = planned.bundle.policies.len(),
+        connections = planned.bundle.connections.len(), "bundle rendered");
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! The admission webhook server: `POST /mutate/pods` injects the sidecar (the pure
+//! [`inject`](crate::inject::inject) does the work). Every replica serves it.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use agentgate_crds::{BUNDLE_KEY, Bundle};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube::runtime::reflector::{ObjectRef, Store};
+use tokio::net::TcpListener;
+
+use crate::inject::{BUNDLE_CONFIGMAP, InjectConfig, Injection, inject};
+use crate::metrics::Metrics;
+
+/// The API server sends at most this much (a Pod is far smaller).
+const MAX_REVIEW_BYTES: usize = 3 << 20;
+
+/// What the webhook handlers need.
+pub struct WebhookState {
+    /// The rendered bundles of every namespace, from a watch.
+    pub bundles: Store<ConfigMap>,
+    /// How to inject.
+    pub inject: InjectConfig,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+impl std::fmt::Debug for WebhookState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookState")
+            .field("inject", &self.inject)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves the webhooks over TLS until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    state: Arc<WebhookState>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (tls, state) = (tls.clone(), state.clone());
+        tokio::spawn(async move {
+            let Ok(stream) = tls.accept(stream).await else {
+                return;
+            };
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, req).await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn route(state: &WebhookState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != http::Method::POST || req.uri().path() != "/mutate/pods" {
+        return respond(
+            StatusCode::NOT_FOUND,
+            "not found: the webhook serves POST /mutate/pods".into(),
+        );
+    }
+    let started = Instant::now();
+    let body = match Limited::new(req.into_body(), MAX_REVIEW_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return respond(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the AdmissionReview: {e}"),
+            );
+        }
+    };
+    let review: AdmissionReview<Pod> = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return respond(
+                StatusCode::BAD_REQUEST,
+                format!("not an AdmissionReview of a Pod: {e}"),
+            );
+        }
+    };
+    let request: AdmissionRequest<Pod> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => {
+            return respond(
+                StatusCode::BAD_REQUEST,
+                format!("the AdmissionReview has no request: {e}"),
+            );
+        }
+    };
+    let (response, outcome) = mutate_pod(state, &request);
+    state
+        .metrics
+        .admissions
+        .with_label_values(&["pods", outcome])
+        .inc();
+    state
+        .metrics
+        .admission_seconds
+        .with_label_values(&["pods"])
+        .observe(started.elapsed().as_secs_f64());
+    respond(
+        StatusCode::OK,
+        serde_json::to_string(&response.into_review()).unwrap_or_default(),
+    )
+}
+
+/// Decides one pod. An opted-in pod that cannot be injected is refused: it must not run
+/// without its gate.
+fn mutate_pod(
+    state: &WebhookState,
+    request: &AdmissionRequest<Pod>,
+) -> (AdmissionResponse, &'static str) {
+    let response = AdmissionResponse::from(request);
+    let Some(pod) = &request.object else {
+        return (response, "skipped");
+    };
+    let namespace = request.namespace.clone().unwrap_or_default();
+    let bundle = state
+        .bundles
+        .get(&ObjectRef::new(BUNDLE_CONFIGMAP).within(&namespace))
+        .and_then(|cm| cm.data.as_ref()?.get(BUNDLE_KEY).cloned())
+        .and_then(|text| serde_json::from_str::<Bundle>(&text).ok());
+    let name = pod
+        .metadata
+        .name
+        .clone()
+        .or_else(|| pod.metadata.generate_name.clone())
+        .unwrap_or_default();
+    match inject(pod, bundle.as_ref(), &state.inject) {
+        Ok(Injection::Skip { reason }) => {
+            tracing::debug!(namespace, pod = name, reason, "not injected");
+            (response, "skipped")
+        }
+        Ok(Injection::Patch {
+            patch,
+            warnings,
+            connections,
+        }) => match response.with_patch(patch) {
+            Ok(mut response) => {
+                tracing::info!(
+                    namespace,
+                    pod = name,
+                    ?connections,
+                    ?warnings,
+                    "sidecar injected"
+                );
+                let mut notes = vec![format!(
+                    "agentgate: sidecar injected for connections [{}]",
+                    connections.join(", ")
+                )];
+                notes.extend(warnings.into_iter().map(|w| format!("agentgate: {w}")));
+                response.warnings = Some(notes);
+                (response, "injected")
+            }
+            Err(e) => (
+                AdmissionResponse::from(request)
+                    .deny(format!("agentgate: cannot encode the injection patch: {e}")),
+                "error",
+            ),
+        },
+        Err(e) => (
+            AdmissionResponse::from(request).deny(format!("agentgate: {e}")),
+            "error",
+        ),
+    }
+}
+
+fn respond(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
