@@ -1,5 +1,6 @@
 //! The Helm chart against a fresh API server: it lints, `helm install` creates the CRDs,
-//! and the examples apply cleanly on top of them — what the README tells a user to do.
+//! the operator's Deployment, RBAC and webhook configuration, and the examples apply
+//! cleanly on top of them — what the README tells a user to do.
 
 use std::process::Command;
 
@@ -44,6 +45,39 @@ fn helm_installs_the_crds_and_the_examples_apply() {
             .args(["--namespace", "agentgate-system", "--create-namespace"]),
     );
     cp.wait_for_crds().expect("helm installed the CRDs");
+    let installed = cp
+        .kubectl_output(&[
+            "get",
+            "deployment,service,serviceaccount",
+            "-n",
+            "agentgate-system",
+            "-o",
+            "name",
+        ])
+        .expect("kubectl get");
+    for name in [
+        "deployment.apps/agentgate-operator",
+        "service/agentgate-webhook",
+        "serviceaccount/agentgate-operator",
+    ] {
+        assert!(
+            installed.lines().any(|l| l == name),
+            "{name} missing from:\n{installed}"
+        );
+    }
+    let policy = cp
+        .kubectl_output(&[
+            "get",
+            "mutatingwebhookconfiguration",
+            "agentgate",
+            "-o",
+            "jsonpath={.webhooks[0].failurePolicy}",
+        ])
+        .expect("the webhook configuration");
+    assert_eq!(
+        policy, "Fail",
+        "opted-in pods must not start without their gate"
+    );
 
     succeed(
         cp.kubectl()
