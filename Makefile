@@ -5,7 +5,7 @@ CARGO ?= cargo
 CONTROLPLANE := e2e/controlplane
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: help deps controlplane crds check-crds lint test demo demo-down
+.PHONY: help deps controlplane crds lint test bench demo demo-down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ lint: ## rustfmt and clippy, warnings denied
 
 test: controlplane lint ## Everything: lint, unit, property and integration tests against a real API server
 	$(CARGO) test --workspace --locked
+
+bench: controlplane ## Benchmarks, each side by side with a peer, reported as ratios
+	$(CARGO) bench --locked -p agentgate-operator --bench admission
 
 demo: controlplane ## Start a local control plane, apply the CRDs and examples, show what a user sees
 	@e2e/demo.sh up $(DEMO_DIR)

@@ -5,10 +5,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use agentgate_crds::{AgentAccessPolicy, Bundle, Connection};
 use agentgate_e2e::ControlPlane;
@@ -16,66 +17,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process killed when the test ends, however it ends.
-struct Process(Child, PathBuf);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Process {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.1).unwrap_or_default()
-    }
-}
-
-async fn wait_for<T>(
-    what: &str,
-    log: impl Fn() -> String,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; log:\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    let status = out.split_whitespace().nth(1)?.parse().ok()?;
-    Some((
-        status,
-        out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
-    ))
-}
+use support::*;
 
 fn ready_condition(status: Option<&Value>) -> Option<(String, String, String)> {
     let c = status?["conditions"]
@@ -145,79 +87,10 @@ async fn reconcile_inject_and_run_the_injected_sidecar() {
     cp.kubectl_output(&["label", "namespace", &ns, "agentgate.dev/injection=enabled"])
         .unwrap();
 
-    // The webhook registration an installation has (the chart renders the same).
-    let webhook_port = free_port();
-    let webhook_name = format!("agentgate-{}", std::process::id());
-    let webhook = json!({
-        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
-        "metadata": { "name": webhook_name },
-        "webhooks": [{
-            "name": "pods.agentgate.dev",
-            "clientConfig": { "url": format!("https://127.0.0.1:{webhook_port}/mutate/pods") },
-            "rules": [{ "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"] }],
-            "namespaceSelector": { "matchLabels": { "agentgate.dev/injection": "enabled", "kubernetes.io/metadata.name": ns } },
-            "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"], "timeoutSeconds": 5
-        }]
-    });
+    let (operator, webhook_name, admin_port) = start_operator(cp, &client, &system, &ns).await;
+    let log = || operator.log();
     let mwc: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
         Api::all(client.clone());
-    mwc.create(
-        &PostParams::default(),
-        &serde_json::from_value(webhook).unwrap(),
-    )
-    .await
-    .unwrap();
-
-    let admin_port = free_port();
-    let log_path =
-        std::env::temp_dir().join(format!("agentgate-operator-{}.log", std::process::id()));
-    let operator = Process(
-        Command::new(env!("CARGO_BIN_EXE_agentgate-operator"))
-            .env("KUBECONFIG", cp.kubeconfig())
-            .args([
-                "--namespace",
-                &system,
-                "--pod-name",
-                "operator-0",
-                "--webhook-hosts",
-                "127.0.0.1",
-            ])
-            .args([
-                "--webhook-addr",
-                &format!("127.0.0.1:{webhook_port}"),
-                "--admin-addr",
-                &format!("127.0.0.1:{admin_port}"),
-            ])
-            .args([
-                "--mutating-webhook",
-                &webhook_name,
-                "--lease-duration",
-                "6s",
-                "--sidecar-image",
-                "agentgate-sidecar:test",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
-            .spawn()
-            .unwrap(),
-        log_path,
-    );
-    let log = || operator.log();
-    wait_for("the operator to be ready", log, async || {
-        (http_get(admin_port, "/readyz").await?.0 == 200).then_some(())
-    })
-    .await;
-    wait_for("the caBundle", log, async || {
-        mwc.get(&webhook_name)
-            .await
-            .ok()?
-            .webhooks?
-            .first()?
-            .client_config
-            .ca_bundle
-            .clone()
-    })
-    .await;
 
     // --- reconcile: everything resolves ---------------------------------------------------
     let listen = free_port();

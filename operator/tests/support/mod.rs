@@ -1,0 +1,158 @@
+//! Helpers shared by the operator's integration test and its admission benchmark.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agentgate_e2e::ControlPlane;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use kube::api::PostParams;
+use kube::{Api, Client};
+use serde_json::json;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed when the test ends, however it ends.
+pub struct Process(pub Child, pub PathBuf);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Process {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+}
+
+pub async fn wait_for<T>(
+    what: &str,
+    log: impl Fn() -> String,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; log:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        status,
+        out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
+    ))
+}
+
+/// Registers a MutatingWebhookConfiguration for the pods of `namespace` (as the chart
+/// does, but with a loopback URL), starts the operator binary against the control plane,
+/// and waits until it serves and has published its caBundle. Returns the process, the
+/// configuration's name and the admin port.
+pub async fn start_operator(
+    cp: &ControlPlane,
+    client: &Client,
+    system: &str,
+    namespace: &str,
+) -> (Process, String, u16) {
+    let webhook_port = free_port();
+    let webhook_name = format!("agentgate-{}-{namespace}", std::process::id());
+    let webhook = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": { "name": webhook_name },
+        "webhooks": [{
+            "name": "pods.agentgate.dev",
+            "clientConfig": { "url": format!("https://127.0.0.1:{webhook_port}/mutate/pods") },
+            "rules": [{ "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"] }],
+            "namespaceSelector": { "matchLabels": { "agentgate.dev/injection": "enabled", "kubernetes.io/metadata.name": namespace } },
+            "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"], "timeoutSeconds": 5
+        }]
+    });
+    let mwc: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    mwc.create(
+        &PostParams::default(),
+        &serde_json::from_value(webhook).unwrap(),
+    )
+    .await
+    .unwrap();
+    let admin_port = free_port();
+    let log_path = std::env::temp_dir().join(format!(
+        "agentgate-operator-{}-{namespace}.log",
+        std::process::id()
+    ));
+    let operator = Process(
+        Command::new(env!("CARGO_BIN_EXE_agentgate-operator"))
+            .env("KUBECONFIG", cp.kubeconfig())
+            .args([
+                "--namespace",
+                system,
+                "--pod-name",
+                "operator-0",
+                "--webhook-hosts",
+                "127.0.0.1",
+            ])
+            .args([
+                "--webhook-addr",
+                &format!("127.0.0.1:{webhook_port}"),
+                "--admin-addr",
+                &format!("127.0.0.1:{admin_port}"),
+            ])
+            .args([
+                "--mutating-webhook",
+                &webhook_name,
+                "--lease-duration",
+                "6s",
+                "--sidecar-image",
+                "agentgate-sidecar:test",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
+            .spawn()
+            .unwrap(),
+        log_path,
+    );
+    let log = || operator.log();
+    wait_for("the operator to be ready", log, async || {
+        (http_get(admin_port, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+    wait_for("the caBundle", log, async || {
+        mwc.get(&webhook_name)
+            .await
+            .ok()?
+            .webhooks?
+            .first()?
+            .client_config
+            .ca_bundle
+            .clone()
+    })
+    .await;
+    (operator, webhook_name, admin_port)
+}
