@@ -193,6 +193,7 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
         write_status(&ctx, policy, &status, &p.readiness, "AgentAccessPolicy").await?;
     }
     write_bundle(&ctx, &namespace, &objects, &planned).await?;
+    write_service_account_tokens(&ctx, &namespace, &objects.connections).await?;
     ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
     Ok(Action::requeue(Duration::from_secs(300)))
 }
@@ -365,6 +366,52 @@ where
         if let Err(e) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
             tracing::warn!(error = %e, "cannot publish an Event");
         }
+    }
+    Ok(())
+}
+
+/// For each `credentials.serviceAccount`, a service-account token Secret (filled by the
+/// API server's token controller) that the injection mounts into the sidecar. Owned by
+/// the Connection, so it goes with it.
+async fn write_service_account_tokens(
+    ctx: &Context,
+    namespace: &str,
+    connections: &[Connection],
+) -> Result<(), ReconcileError> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    for c in connections {
+        let Some(sa) = &c.spec.credentials.service_account else {
+            continue;
+        };
+        let name = crate::inject::service_account_token_secret(&sa.name);
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(namespace.into()),
+                labels: Some(BTreeMap::from([(
+                    MANAGED_BY.0.to_owned(),
+                    MANAGED_BY.1.to_owned(),
+                )])),
+                annotations: Some(BTreeMap::from([(
+                    "kubernetes.io/service-account.name".to_owned(),
+                    sa.name.clone(),
+                )])),
+                owner_references: c.controller_owner_ref(&()).map(|mut o| {
+                    o.controller = Some(false);
+                    vec![o]
+                }),
+                ..Default::default()
+            },
+            type_: Some("kubernetes.io/service-account-token".into()),
+            ..Default::default()
+        };
+        api.patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .map_err(api_err(format!("write the token Secret {name}")))?;
     }
     Ok(())
 }

@@ -133,6 +133,14 @@ async fn reconcile_inject_and_run_the_injected_sidecar() {
         "spec": { "protocol": "http", "upstream": { "address": "https://api.example" },
                   "credentials": { "secretRef": { "name": "api-token" } }, "listen": { "port": listen } } }),
     );
+    apply(
+        json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": "k8s-reader" } }),
+    );
+    apply(
+        json!({ "apiVersion": "agentgate.dev/v1alpha1", "kind": "Connection", "metadata": { "name": "cluster" },
+        "spec": { "protocol": "kubernetes", "upstream": { "address": "https://k8s.example" },
+                  "credentials": { "serviceAccount": { "name": "k8s-reader" } }, "listen": { "port": 16443 } } }),
+    );
     let reads = json!({ "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentAccessPolicy", "metadata": { "name": "reads" },
         "spec": { "agentSelector": { "matchLabels": { "agentgate.dev/agent": "claude" } }, "connections": ["api"],
                   "rules": [{ "name": "get", "match": { "http": { "methods": ["GET"] } }, "action": "allow" }] } });
@@ -144,7 +152,7 @@ async fn reconcile_inject_and_run_the_injected_sidecar() {
 
     let connections: Api<Connection> = Api::namespaced(client.clone(), &ns);
     let policies: Api<AgentAccessPolicy> = Api::namespaced(client.clone(), &ns);
-    for name in ["orders-db", "api"] {
+    for name in ["orders-db", "api", "cluster"] {
         let (status, ..) = wait_for("Connection Ready", log, async || {
             readiness(&connections, name)
                 .await
@@ -163,7 +171,22 @@ async fn reconcile_inject_and_run_the_injected_sidecar() {
         bundle(&client, &ns).await.filter(|b| b.policies.len() == 2)
     })
     .await;
-    assert_eq!(names(&b.connections), ["api", "orders-db"]);
+    assert_eq!(names(&b.connections), ["api", "cluster", "orders-db"]);
+    let token = Api::<Secret>::namespaced(client.clone(), &ns)
+        .get("agentgate-sa-k8s-reader")
+        .await
+        .unwrap();
+    assert_eq!(
+        token.type_.as_deref(),
+        Some("kubernetes.io/service-account-token")
+    );
+    assert_eq!(
+        token
+            .annotations()
+            .get("kubernetes.io/service-account.name")
+            .map(String::as_str),
+        Some("k8s-reader")
+    );
     let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns)
         .get("agentgate-bundle")
         .await
@@ -175,7 +198,7 @@ async fn reconcile_inject_and_run_the_injected_sidecar() {
     );
     assert_eq!(
         cm.owner_references().len(),
-        4,
+        5,
         "owned by every object it renders"
     );
 
@@ -210,10 +233,8 @@ async fn reconcile_inject_and_run_the_injected_sidecar() {
         bundle(&client, &ns).await.filter(|b| b.policies.len() == 1)
     })
     .await;
-    assert_eq!(
-        (names(&b.policies), names(&b.connections)),
-        (vec!["reads".to_owned()], vec!["api".to_owned()])
-    );
+    assert_eq!(names(&b.policies), ["reads"]);
+    assert_eq!(names(&b.connections), ["api", "cluster"]);
     let events = cp
         .kubectl_output(&[
             "get",
