@@ -8,7 +8,7 @@ use agentgate_crds::{
     AgentAccessPolicy, AgentAccessPolicySpec, Bundle, BundleEntry, Connection, ConnectionSpec,
     Protocol,
 };
-use agentgate_policy::{compile, selector_matches};
+use agentgate_policy::{compile, describe, selector_matches};
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
@@ -234,14 +234,7 @@ fn check_connection(
     };
     match compile(&[], &[entry], b"") {
         Ok(_) => Ok("the upstream's credentials are in place".to_owned()),
-        Err(errors) => not_ready(
-            "Invalid",
-            errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
-        ),
+        Err(errors) => not_ready("Invalid", describe(&errors)),
     }
 }
 
@@ -277,14 +270,7 @@ fn check_policy(
         .collect();
     match compile(std::slice::from_ref(policy), &used, b"") {
         Ok(_) => Ok(format!("compiled with {} rule(s)", policy.spec.rules.len())),
-        Err(errors) => not_ready(
-            "Invalid",
-            errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
-        ),
+        Err(errors) => not_ready("Invalid", describe(&errors)),
     }
 }
 

@@ -119,6 +119,15 @@ pub struct PolicyError {
     pub message: String,
 }
 
+/// Every error, one after the other, for a status message or a log line.
+pub fn describe(errors: &[PolicyError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 const KUBERNETES_VERBS: [&str; 10] = [
     "get",
     "list",

@@ -19,7 +19,7 @@ pub use attrs::{
 };
 pub use compile::{
     ApprovalPolicy, CompiledAction, CompiledConnection, CompiledPolicy, EffectiveLimits,
-    PolicyError, compile, parse_duration, parse_quantity,
+    PolicyError, compile, describe, parse_duration, parse_quantity,
 };
 pub use evaluate::{DISCOVERY_RULE, Decision, Evaluation, evaluate};
 pub use selector::selector_matches;

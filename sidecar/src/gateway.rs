@@ -49,6 +49,9 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// The approval step.
     pub approvals: Arc<dyn ApprovalHook>,
+    /// What is always masked in audit records, whatever the policies mask: the
+    /// `secrets` and `credentials` detector sets.
+    pub audit_masking: MaskingProfile,
     /// Request counter, for request ids.
     pub requests: AtomicU64,
 }
@@ -156,7 +159,7 @@ pub async fn handle(
         Ok(t) => t,
         Err(e) => return gw.refuse(record, protocol, Refusal::Unclassifiable(e)),
     };
-    record.event.request = request_summary(&target, &conn.masking);
+    record.event.request = request_summary(&target, &gw.audit_masking);
     let is_watch = matches!(&target, Target::Kubernetes(k) if k.verb == "watch");
     let attrs = RequestAttrs {
         connection: connection.to_string(),
@@ -335,6 +338,7 @@ impl Gateway {
         is_watch: bool,
     ) -> Response<Body> {
         let (mut parts, body) = response.into_parts();
+        mask_headers(&mut parts.headers, &masking, &record);
         let mode = match body_mode(&masking, &parts.headers, is_watch) {
             Ok(mode) => mode,
             Err(reason) => {
@@ -546,8 +550,8 @@ fn classify(
     }
 }
 
-/// The classified request for the audit trail, masked with the connection's profile (a
-/// query string can carry a SAS signature).
+/// The classified request for the audit trail, masked with the audit profile (a query
+/// string can carry a SAS signature, whatever the policy masks).
 fn request_summary(target: &Target, masking: &MaskingProfile) -> serde_json::Value {
     let mut summary = match target {
         Target::Http(h) => {
@@ -561,6 +565,24 @@ fn request_summary(target: &Target, masking: &MaskingProfile) -> serde_json::Val
     };
     masking.mask_json(&mut summary, &mut MaskReport::default());
     summary
+}
+
+/// Masks response header values (a `Location` can carry a SAS token, a `Set-Cookie` a
+/// session), dropping any value the masking turns into something not sendable.
+fn mask_headers(headers: &mut HeaderMap, masking: &MaskingProfile, record: &Record) {
+    if masking.is_empty() {
+        return;
+    }
+    let mut report = MaskReport::default();
+    for value in headers.values_mut() {
+        if let std::borrow::Cow::Owned(masked) = masking.mask_bytes(value.as_bytes(), &mut report) {
+            *value = HeaderValue::from_bytes(&masked)
+                .unwrap_or_else(|_| HeaderValue::from_static("[masked]"));
+        }
+    }
+    if report.total() > 0 {
+        tracing::debug!(request_id = %record.event.request_id, masked = report.total(), "response headers masked");
+    }
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {

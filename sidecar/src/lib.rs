@@ -125,6 +125,19 @@ impl Sidecar {
     }
 }
 
+/// The masking every audit record gets, whatever the policies say.
+fn audit_masking() -> agentgate_policy::masking::MaskingProfile {
+    let spec = agentgate_crds::Masking {
+        detectors: vec![
+            agentgate_crds::DetectorSet::Secrets,
+            agentgate_crds::DetectorSet::Credentials,
+        ],
+        ..Default::default()
+    };
+    agentgate_policy::masking::MaskingProfile::compile(&spec, b"")
+        .unwrap_or_else(|_| unreachable!("the built-in detector sets compile"))
+}
+
 fn hash_key(settings: &Settings) -> Result<Vec<u8>, StartError> {
     match &settings.hash_key_file {
         Some(path) => std::fs::read(path).map_err(StartError::HashKey),
@@ -183,6 +196,7 @@ pub async fn run(
         audit,
         metrics: metrics.clone(),
         approvals: Arc::new(NotConfigured),
+        audit_masking: audit_masking(),
         requests: AtomicU64::new(0),
     });
     let sidecar = Arc::new(Sidecar {

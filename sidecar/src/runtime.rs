@@ -61,7 +61,7 @@ pub enum LoadError {
         error: serde_json::Error,
     },
     /// The policies do not compile.
-    #[error("the bundle's policies do not compile: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    #[error("the bundle's policies do not compile: {}", agentgate_policy::describe(.0))]
     Invalid(Vec<PolicyError>),
 }
 

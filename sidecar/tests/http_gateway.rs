@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use support::*;
 
 const UPSTREAM_TOKEN: &str = "upstream-secret-token-4711";
+const SAS_SIG: &str = "Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MA%3D%3D";
 const JWT_IN_STREAM: &str =
     "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzZXJ2aWNlLWFjY291bnQifQ.c2lnbmF0dXJlLXBhcnQ";
 
@@ -60,6 +61,14 @@ async fn upstream(req: Request<Incoming>) -> Response<TestBody> {
                 .body(body.boxed())
                 .unwrap()
         }
+        ("GET", "/download") => Response::builder()
+            .header("content-type", "text/plain")
+            .header(
+                "x-download",
+                format!("https://acct.blob.core.windows.net/c/b?sv=2022-11-02&sig={SAS_SIG}"),
+            )
+            .body(full("ok"))
+            .unwrap(),
         ("GET", "/upgrade") => {
             // An echo protocol over an upgraded connection, as exec and port-forward are.
             let mut req = req;
