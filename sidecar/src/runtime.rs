@@ -198,8 +198,10 @@ pub async fn watch(
                 tracing::info!(hash = %runtime.source_hash, connections = runtime.policy.connections().count(), "configuration applied");
                 metrics.config_reloads.with_label_values(&["applied"]).inc();
                 metrics.bundle_loaded.set(1);
+                // Swap first, so a new listener never serves the old configuration.
+                let runtime = Arc::new(runtime);
+                current.store(runtime.clone());
                 on_applied(&runtime);
-                current.store(Arc::new(runtime));
             }
             Err(e) => {
                 tracing::error!(error = %e, "new configuration is invalid; keeping the last good one");
