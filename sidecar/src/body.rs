@@ -10,7 +10,10 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::tls::BodyError;
+/// The body type every proxied message is converted to.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, BodyError>;
+/// The error of a proxied body.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How a body is masked.
 #[derive(Debug)]

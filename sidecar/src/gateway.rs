@@ -22,12 +22,12 @@ use tokio::net::TcpListener;
 
 use crate::approval::{ApprovalHook, ApprovalOutcome, HeldRequest};
 use crate::audit::{Audit, AuditEvent};
+use crate::body::Body;
 use crate::body::{Completion, MaskedBody, Mode};
 use crate::identity::IdentityValidator;
 use crate::metrics::Metrics;
 use crate::refusal::{Refusal, refusal_response};
 use crate::runtime::Runtime;
-use crate::tls::Body;
 use crate::upstream::Upstream;
 
 /// Everything the pipeline needs, shared by every listener.
@@ -670,7 +670,7 @@ fn upstream_request(req: Request<Incoming>, upstream: &Upstream) -> Result<Reque
     parts.headers.insert(name, value);
     Ok(Request::from_parts(
         parts,
-        body.map_err(|e| Box::new(e) as crate::tls::BodyError)
+        body.map_err(|e| Box::new(e) as crate::body::BodyError)
             .boxed(),
     ))
 }

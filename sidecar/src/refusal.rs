@@ -10,8 +10,8 @@ use http::{Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
 
+use crate::body::Body;
 use crate::identity::IdentityError;
-use crate::tls::Body;
 
 /// Why a request was not served.
 #[derive(Debug, Clone)]

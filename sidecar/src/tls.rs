@@ -4,8 +4,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use agentgate_crds::TlsMode;
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -14,10 +12,8 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-/// The body type every proxied message is converted to.
-pub type Body = BoxBody<Bytes, BodyError>;
-/// The error of a proxied body.
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+use crate::body::Body;
+
 /// An HTTP/1.1 client over TLS (or plain HTTP where the Connection says `disable`).
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
