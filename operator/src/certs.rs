@@ -271,3 +271,54 @@ fn certified_key(tls: &WebhookTls) -> Result<CertifiedKey, CertError> {
         .map_err(|e| CertError::Material(format!("tls.key: {e}")))?;
     Ok(CertifiedKey::new(certs, signer))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(hosts: &str, days_left: i64) -> Secret {
+        let not_after = Timestamp::now() + SignedDuration::from_hours(24 * days_left);
+        Secret {
+            metadata: ObjectMeta {
+                annotations: Some(BTreeMap::from([
+                    (NOT_AFTER_ANNOTATION.to_owned(), not_after.to_string()),
+                    (HOSTS_ANNOTATION.to_owned(), hosts.to_owned()),
+                ])),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn certificates_are_renewed_before_they_expire_or_when_hosts_change() {
+        let hosts = ["agentgate-webhook.agentgate-system.svc".to_owned()];
+        assert!(still_good(&secret(&hosts[0], 60), &hosts));
+        assert!(
+            !still_good(&secret(&hosts[0], 10), &hosts),
+            "within the renewal window"
+        );
+        assert!(
+            !still_good(&secret("old.example", 60), &hosts),
+            "the hosts changed"
+        );
+        assert!(
+            !still_good(&Secret::default(), &hosts),
+            "not ours (no annotations)"
+        );
+    }
+
+    #[test]
+    fn generated_material_loads_and_names_the_hosts() {
+        let hosts = [
+            "127.0.0.1".to_owned(),
+            "agentgate-webhook.agentgate-system.svc".to_owned(),
+        ];
+        let (tls, not_after) = generate(&hosts).expect("generates");
+        assert!(not_after > Timestamp::now() + SignedDuration::from_hours(24 * 89));
+        let resolver = RotatingCert::new(&tls).expect("loads");
+        let (other, _) = generate(&hosts).expect("generates");
+        resolver.swap(&other).expect("swaps");
+        assert!(tls.ca_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+}

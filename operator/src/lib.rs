@@ -135,6 +135,7 @@ pub async fn run(
         client: client.clone(),
         recorder,
         metrics,
+        failures: Default::default(),
     });
     if !settings.leader_election {
         reconcile::run(ctx, shutdown).await;

@@ -45,6 +45,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Metrics.
     pub metrics: Metrics,
+    /// Consecutive failures per namespace, for the retry backoff.
+    pub failures: std::sync::Mutex<BTreeMap<String, u32>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -143,8 +145,20 @@ fn error_policy(ns: Arc<Namespace>, error: &ReconcileError, ctx: Arc<Context>) -
         .reconcile_errors
         .with_label_values(&[error.reason()])
         .inc();
-    tracing::warn!(namespace = %ns.name_any(), error = %error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+    let mut failures = ctx
+        .failures
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let count = failures.entry(ns.name_any()).or_default();
+    *count = count.saturating_add(1);
+    let delay = backoff(*count);
+    tracing::warn!(namespace = %ns.name_any(), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// 1s, 2s, 4s, … up to 256s.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(8))
 }
 
 /// Reconciles one namespace.
@@ -195,6 +209,10 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
     write_bundle(&ctx, &namespace, &objects, &planned).await?;
     write_service_account_tokens(&ctx, &namespace, &objects.connections).await?;
     ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
+    ctx.failures
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(&namespace);
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
@@ -499,4 +517,16 @@ async fn write_bundle(
     tracing::info!(namespace, hash = %planned.bundle.hash, policies = planned.bundle.policies.len(),
         connections = planned.bundle.connections.len(), "bundle rendered");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_and_cap() {
+        let delays: Vec<u64> = (1..=11).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 256, 256]);
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(256));
+    }
 }

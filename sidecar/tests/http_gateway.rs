@@ -95,6 +95,25 @@ async fn upstream(req: Request<Incoming>) -> Response<TestBody> {
             .header("content-type", "text/plain")
             .body(full("x".repeat(200 * 1024)))
             .unwrap(),
+        ("GET", "/big-chunked") => {
+            let (mut tx, body) =
+                http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(4);
+            tokio::spawn(async move {
+                for _ in 0..20 {
+                    if tx
+                        .send_data(Bytes::from(format!("{}\n", "y".repeat(10 * 1024 - 1))))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            Response::builder()
+                .header("content-type", "text/plain")
+                .body(body.boxed())
+                .unwrap()
+        }
         ("GET", "/binary") => Response::builder()
             .header("content-type", "application/octet-stream")
             .body(full(vec![0u8; 16]))
@@ -445,6 +464,30 @@ async fn oversized_and_unmaskable_responses_do_not_reach_the_agent() {
     let (status, body) = s.send("GET", "/binary", Some(&s.token())).await;
     assert_eq!(status, 502);
     assert!(body.contains("cannot be masked"), "{body}");
+
+    // A streamed body with no declared length is cut off at the limit.
+    let req = Request::get("/big-chunked")
+        .header("proxy-authorization", format!("Bearer {}", s.token()))
+        .body(full(""))
+        .unwrap();
+    let result = plain_request(s.port, req).await;
+    assert!(
+        result.as_ref().is_err() || result.as_ref().is_ok_and(|(_, _, b)| b.len() <= 64 * 1024),
+        "not cut off"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s
+        .sidecar
+        .audit()
+        .contains("exceeds limits.maxResponseBytes (65536 bytes) and was cut off")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the cut-off was not recorded: {}",
+            s.sidecar.audit()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
