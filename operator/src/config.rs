@@ -82,3 +82,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         Ok(d)
     }
 }
+
+impl agentgate_process::LogFilter for Settings {
+    fn log_filter(&self) -> &str {
+        &self.log
+    }
+}

@@ -112,6 +112,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+impl agentgate_process::LogFilter for Settings {
+    fn log_filter(&self) -> &str {
+        &self.log
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
