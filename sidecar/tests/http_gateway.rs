@@ -51,7 +51,7 @@ async fn upstream(req: Request<Incoming>) -> Response<TestBody> {
                 let (a, b) = JWT_IN_STREAM.split_at(30);
                 let _ = tx.send_data(Bytes::from("event one\n")).await;
                 let _ = tx.send_data(Bytes::from(format!("token: {a}"))).await;
-                tokio::time::sleep(Duration::from_millis(600)).await;
+                tokio::time::sleep(Duration::from_millis(1500)).await;
                 let _ = tx
                     .send_data(Bytes::from(format!("{b}\nevent three\n")))
                     .await;
@@ -348,7 +348,7 @@ async fn streamed_responses_are_masked_on_the_fly() {
     assert_eq!(text, "event one\ntoken: [masked:jwt]\nevent three\n");
     // The first event arrived before the upstream paused: it was not held for the rest.
     assert!(
-        frames[0].0 < Duration::from_millis(500),
+        frames[0].0 < Duration::from_millis(1000),
         "first frame after {:?}",
         frames[0].0
     );
