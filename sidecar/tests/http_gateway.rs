@@ -517,13 +517,25 @@ async fn an_invalid_bundle_keeps_the_last_good_one_and_a_valid_one_applies() {
     let s = setup().await;
     let token = s.token();
     s.sidecar.write_bundle("{ not json");
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Wait until the sidecar has seen (and refused) the invalid bundle.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let (_, metrics) = s.sidecar.admin("/metrics").await.unwrap();
+        if metrics.contains("agentgate_sidecar_config_reloads_total{result=\"invalid\"}") {
+            break metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the invalid bundle was not noticed:\n{}",
+            s.sidecar.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(
         s.send("GET", "/echo", Some(&token)).await.0,
         200,
         "still serving with the last good bundle"
     );
-    let (_, metrics) = s.sidecar.admin("/metrics").await.unwrap();
     assert!(
         metrics.contains("agentgate_sidecar_config_reloads_total{result=\"invalid\"} 1"),
         "{metrics}"
