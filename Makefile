@@ -28,6 +28,7 @@ test: controlplane lint ## Everything: lint, unit, property and integration test
 	$(CARGO) test --workspace --locked
 
 bench: controlplane ## Benchmarks, each side by side with a peer, reported as ratios
+	$(CARGO) bench --locked -p agentgate-sidecar --bench proxy
 	$(CARGO) bench --locked -p agentgate-operator --bench admission
 
 demo: controlplane ## Start a local control plane, apply the CRDs and examples, show what a user sees

@@ -91,7 +91,17 @@ struct IssuerKeys {
 pub struct IdentityValidator {
     client: HttpClient,
     issuers: Mutex<HashMap<String, IssuerKeys>>,
+    /// Tokens already validated, by a hash of the token and the settings that accepted
+    /// it, until the earlier of their `exp` and [`CACHE_TTL`]: an agent sends the same
+    /// token on every request, and checking a signature costs more than the rest of
+    /// the pipeline.
+    validated: std::sync::Mutex<HashMap<[u8; 32], (Identity, Instant)>>,
 }
+
+/// How long a validated token is trusted without checking it again (bounded, so a key
+/// the issuer withdraws stops being honoured soon).
+pub const CACHE_TTL: Duration = Duration::from_secs(60);
+const CACHE_CAPACITY: usize = 4096;
 
 impl IdentityValidator {
     /// A validator that fetches discovery documents and keys with `client`.
@@ -99,6 +109,7 @@ impl IdentityValidator {
         Self {
             client,
             issuers: Mutex::new(HashMap::new()),
+            validated: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -109,6 +120,43 @@ impl IdentityValidator {
         token: &str,
         accepted: &[IdentitySpec],
     ) -> Result<Identity, IdentityError> {
+        let cache_key = cache_key(token, accepted);
+        let now = Instant::now();
+        {
+            let cache = self
+                .validated
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((identity, until)) = cache.get(&cache_key)
+                && *until > now
+            {
+                return Ok(identity.clone());
+            }
+        }
+        let (identity, expires_in) = self.validate_uncached(token, accepted).await?;
+        let mut cache = self
+            .validated
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= CACHE_CAPACITY {
+            cache.retain(|_, (_, until)| *until > now);
+            if cache.len() >= CACHE_CAPACITY {
+                cache.clear();
+            }
+        }
+        cache.insert(
+            cache_key,
+            (identity.clone(), now + expires_in.min(CACHE_TTL)),
+        );
+        Ok(identity)
+    }
+
+    /// Validates `token` fully; returns the identity and how long until it expires.
+    async fn validate_uncached(
+        &self,
+        token: &str,
+        accepted: &[IdentitySpec],
+    ) -> Result<(Identity, Duration), IdentityError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| IdentityError::Malformed)?;
         let kid = header.kid.clone().ok_or(IdentityError::MissingKid)?;
         let issuer = unverified_issuer(token)?;
@@ -132,10 +180,15 @@ impl IdentityValidator {
             validation.validate_nbf = true;
             match jsonwebtoken::decode::<Value>(token, &key, &validation) {
                 Ok(data) => {
-                    return Ok(identity_from_claims(
-                        &issuer,
-                        &data.claims,
-                        &spec.groups_claim,
+                    let exp = data.claims["exp"].as_u64().unwrap_or_default();
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_secs();
+                    let expires_in = Duration::from_secs(exp.saturating_sub(now));
+                    return Ok((
+                        identity_from_claims(&issuer, &data.claims, &spec.groups_claim),
+                        expires_in,
                     ));
                 }
                 Err(e) => last_error = map_jwt_error(&e),
@@ -231,6 +284,24 @@ impl IdentityValidator {
     }
 }
 
+/// The cache key of a token under the identity settings that judged it.
+fn cache_key(token: &str, accepted: &[IdentitySpec]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(token.as_bytes());
+    for spec in accepted {
+        h.update([0]);
+        h.update(spec.issuer.as_bytes());
+        h.update([0]);
+        h.update(spec.groups_claim.as_bytes());
+        for audience in &spec.audiences {
+            h.update([1]);
+            h.update(audience.as_bytes());
+        }
+    }
+    h.finalize().into()
+}
+
 /// The `iss` claim, read before the signature is checked — only to choose which issuer's
 /// keys check it.
 fn unverified_issuer(token: &str) -> Result<String, IdentityError> {
@@ -302,5 +373,27 @@ fn identity_from_claims(issuer: &str, claims: &Value, groups_claim: &str) -> Ide
             .or_else(|| text("preferred_username"))
             .or_else(|| text("upn")),
         groups,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(audience: &str) -> IdentitySpec {
+        IdentitySpec {
+            issuer: "https://issuer.example".into(),
+            audiences: vec![audience.into()],
+            groups_claim: "groups".into(),
+            required: true,
+        }
+    }
+
+    #[test]
+    fn a_cached_validation_is_bound_to_the_token_and_the_settings() {
+        let a = cache_key("token-1", &[spec("api://a")]);
+        assert_eq!(a, cache_key("token-1", &[spec("api://a")]));
+        assert_ne!(a, cache_key("token-2", &[spec("api://a")]), "another token");
+        assert_ne!(a, cache_key("token-1", &[spec("api://b")]), "a policy that accepts another audience");
     }
 }
