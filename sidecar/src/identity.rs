@@ -394,6 +394,10 @@ mod tests {
         let a = cache_key("token-1", &[spec("api://a")]);
         assert_eq!(a, cache_key("token-1", &[spec("api://a")]));
         assert_ne!(a, cache_key("token-2", &[spec("api://a")]), "another token");
-        assert_ne!(a, cache_key("token-1", &[spec("api://b")]), "a policy that accepts another audience");
+        assert_ne!(
+            a,
+            cache_key("token-1", &[spec("api://b")]),
+            "a policy that accepts another audience"
+        );
     }
 }
