@@ -41,6 +41,14 @@ pub struct ControlPlane {
 static SHARED: OnceLock<ControlPlane> = OnceLock::new();
 static NAMESPACES: AtomicUsize = AtomicUsize::new(0);
 
+/// A loopback port that was free a moment ago, for a server a test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("the kernel hands out a free loopback port")
+}
+
 /// The repository's root directory.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use agentgate_e2e::free_port;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{Request, Response};
@@ -27,14 +28,6 @@ pub type TestBody = BoxBody<Bytes, Infallible>;
 
 pub fn full(body: impl Into<Bytes>) -> TestBody {
     Full::new(body.into()).boxed()
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A CA and a serving certificate for 127.0.0.1 and localhost.
