@@ -23,6 +23,15 @@ for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null || missing+=("${packages[$cmd]}")
 done
 [ -f /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
+# PostgreSQL's own parser (the pg_query crate) is C, bound with bindgen: a C compiler
+# and libclang.
+command -v cc >/dev/null || missing+=(gcc libc6-dev)
+compgen -G "/usr/lib/llvm-*/lib/libclang.so" >/dev/null || missing+=(libclang-dev)
+# The Postgres gateway's tests run a real server with psql and pgbench as clients;
+# `make bench` compares against pgbouncer.
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+command -v psql >/dev/null || missing+=(postgresql-client)
+command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""

@@ -113,6 +113,10 @@ pub struct SqlRequest {
     pub statements: Vec<SqlStatement>,
     /// Hash of the normalized text (literals removed).
     pub fingerprint: String,
+    /// The text with every literal replaced by a placeholder (`$1`, `$2`, …): what audit
+    /// records and approvals show, so values typed into a statement are not kept.
+    /// `None` when the text does not parse.
+    pub normalized: Option<String>,
 }
 
 /// One classified SQL statement.

@@ -184,7 +184,18 @@ fn decide_policy(p: &CompiledAccessPolicy, attrs: &RequestAttrs) -> Decision {
             };
             statements
                 .iter()
-                .map(|s| decide_one(p, attrs, Some(s)))
+                .map(|s| match decide_one(p, attrs, Some(s)) {
+                    // No rule allows what reaches outside the tables (server files, other
+                    // servers, other sessions); approve rules still can hold it for a human.
+                    Decision::Allow { rule } if !s.dangerous_functions.is_empty() => deny(
+                        rule,
+                        format!(
+                            "the statement calls {}, which agentgate never allows without approval",
+                            s.dangerous_functions.join(", ")
+                        ),
+                    ),
+                    d => d,
+                })
                 .max_by_key(Decision::severity)
                 .unwrap_or_else(|| deny(None, "empty statement list"))
         }

@@ -90,6 +90,7 @@ fn sql(statements: &[(SqlStatementKind, &[&str])]) -> Target {
             })
             .collect(),
         fingerprint: "f".into(),
+        normalized: None,
     })
 }
 
@@ -172,6 +173,42 @@ fn each_statement_is_decided_and_the_riskiest_wins() {
         ("deny", None),
         "an empty statement list is decided as `other`"
     );
+}
+
+#[test]
+fn real_sql_through_the_classifier() {
+    let p = compiled(&[example_policy()]);
+    let db = |text: &str| {
+        let target = Target::Postgres(crate::classify::classify_sql(text));
+        label_and_rule(&decide(&p, "orders-db", user(&[]), target))
+    };
+    assert_eq!(
+        db("SELECT * FROM orders"),
+        ("allow", Some("read-orders".to_owned()))
+    );
+    assert_eq!(db("SELECT * FROM secret.keys"), ("deny", None));
+    assert_eq!(
+        db("DROP TABLE orders"),
+        ("deny", Some("never-ddl".to_owned()))
+    );
+    // A select-only rule never allows what the parser cannot read, nor a call that
+    // reaches outside the tables.
+    assert_eq!(db("SELEKT * FROM orders"), ("deny", None));
+    let d = decide(
+        &p,
+        "orders-db",
+        user(&[]),
+        Target::Postgres(crate::classify::classify_sql(
+            "SELECT pg_read_file('/etc/passwd') FROM orders",
+        )),
+    );
+    match d {
+        Decision::Deny { rule, reason } => {
+            assert_eq!(rule.as_deref(), Some("read-orders"));
+            assert!(reason.contains("pg_read_file"), "{reason}");
+        }
+        other => panic!("expected a denial, got {other:?}"),
+    }
 }
 
 #[test]
