@@ -55,6 +55,15 @@ pub struct AuditEvent {
     /// Values masked, by detector.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub masked: BTreeMap<String, u64>,
+    /// SQL: rows sent to the agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows_returned: Option<u64>,
+    /// SQL: rows the statement inserted, updated, deleted or copied in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows_affected: Option<u64>,
+    /// SQL: the statement's bind parameters, masked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Vec<String>>,
     /// For upgraded streams (exec, port-forward): bytes relayed each way.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relayed: Option<serde_json::Value>,

@@ -54,6 +54,8 @@ pub struct Gateway {
     pub audit_masking: MaskingProfile,
     /// Request counter, for request ids.
     pub requests: AtomicU64,
+    /// What the Postgres sessions share (cancel keys, catalog).
+    pub postgres: crate::postgres::Shared,
 }
 
 /// Serves one Connection's listener until the task is dropped.
@@ -86,9 +88,27 @@ pub async fn serve(listener: TcpListener, connection: String, gateway: Arc<Gatew
 
 /// What is known about a request so far, for its audit events.
 #[derive(Debug, Clone)]
-struct Record {
-    started: Instant,
-    event: AuditEvent,
+pub(crate) struct Record {
+    pub(crate) started: Instant,
+    pub(crate) event: AuditEvent,
+}
+
+impl Record {
+    /// A new request on `connection`, with the next request id.
+    pub(crate) fn new(gw: &Gateway, connection: &str, request: serde_json::Value) -> Self {
+        let seq = gw.requests.fetch_add(1, Ordering::Relaxed);
+        Record {
+            started: Instant::now(),
+            event: AuditEvent {
+                request_id: format!("{}-{seq}", std::process::id()),
+                pod: gw.pod.clone(),
+                namespace: gw.namespace.clone(),
+                connection: connection.to_owned(),
+                request,
+                ..Default::default()
+            },
+        }
+    }
 }
 
 /// The request pipeline, in the order ARCHITECTURE.md gives and for the reasons it
@@ -102,18 +122,7 @@ pub async fn handle(
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let runtime = gw.config.load_full();
-    let seq = gw.requests.fetch_add(1, Ordering::Relaxed);
-    let mut record = Record {
-        started: Instant::now(),
-        event: AuditEvent {
-            request_id: format!("{}-{seq}", std::process::id()),
-            pod: gw.pod.clone(),
-            namespace: gw.namespace.clone(),
-            connection: connection.to_string(),
-            request: json!({ "method": req.method().as_str() }),
-            ..Default::default()
-        },
-    };
+    let mut record = Record::new(&gw, &connection, json!({ "method": req.method().as_str() }));
     let Some(conn) = runtime.policy.connection(&connection) else {
         let reason = format!(
             "Connection {connection} is not configured for this pod; no request on it is allowed"
@@ -207,15 +216,8 @@ pub async fn handle(
             }
         }
     }
-    record.event.decision = "allow".into();
-    record.event.kind = "decision";
-    if let Err(e) = gw.audit.record(&record.event) {
-        gw.metrics
-            .audit_failures
-            .with_label_values(&[gw.audit.sink()])
-            .inc();
-        tracing::error!(error = %e, "refusing a request because its decision cannot be recorded");
-        return gw.refuse(record, protocol, Refusal::AuditUnavailable);
+    if let Err(refusal) = gw.record_allowed(&mut record) {
+        return gw.refuse(record, protocol, refusal);
     }
 
     // 5. forward
@@ -267,9 +269,18 @@ pub async fn handle(
 impl Gateway {
     /// Refuses a request: records it, counts it, answers the agent.
     fn refuse(&self, mut record: Record, protocol: Protocol, refusal: Refusal) -> Response<Body> {
+        self.note_refusal(&mut record, &refusal);
+        refusal_response(protocol, &record.event.connection, &refusal)
+    }
+
+    /// Records, counts and logs a refusal, whatever the protocol.
+    pub(crate) fn note_refusal(&self, record: &mut Record, refusal: &Refusal) {
         record.event.kind = "decision";
         record.event.decision = refusal.decision().into();
-        record.event.rule = refusal.rule().map(str::to_owned).or(record.event.rule);
+        record.event.rule = refusal
+            .rule()
+            .map(str::to_owned)
+            .or(record.event.rule.take());
         record.event.reason = Some(refusal.reason());
         record.event.status = Some(refusal.status().as_u16());
         record.event.latency_ms = Some(record.started.elapsed().as_secs_f64() * 1000.0);
@@ -280,13 +291,28 @@ impl Gateway {
                 .inc();
             tracing::error!(error = %e, "a refusal could not be recorded");
         }
-        self.count(&record, refusal.decision());
+        self.count(record, refusal.decision());
         tracing::info!(request_id = %record.event.request_id, connection = %record.event.connection,
             decision = refusal.decision(), rule = refusal.rule(), reason = %refusal.reason(), "request refused");
-        refusal_response(protocol, &record.event.connection, &refusal)
     }
 
-    fn count(&self, record: &Record, decision: &str) {
+    /// Records an allowed request's decision before anything is forwarded: a decision
+    /// that cannot be recorded is the refusal returned.
+    pub(crate) fn record_allowed(&self, record: &mut Record) -> Result<(), Refusal> {
+        record.event.decision = "allow".into();
+        record.event.kind = "decision";
+        if let Err(e) = self.audit.record(&record.event) {
+            self.metrics
+                .audit_failures
+                .with_label_values(&[self.audit.sink()])
+                .inc();
+            tracing::error!(error = %e, "refusing a request because its decision cannot be recorded");
+            return Err(Refusal::AuditUnavailable);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn count(&self, record: &Record, decision: &str) {
         let connection = record.event.connection.as_str();
         self.metrics
             .requests
@@ -298,9 +324,15 @@ impl Gateway {
             .observe(record.started.elapsed().as_secs_f64());
     }
 
-    fn complete(&self, mut record: Record, status: StatusCode, done: Completion) {
+    /// Records a completed request (`status` for HTTP), its masking and any cut-off.
+    pub(crate) fn complete(
+        &self,
+        mut record: Record,
+        status: Option<StatusCode>,
+        done: Completion,
+    ) {
         record.event.kind = "completed";
-        record.event.status = Some(status.as_u16());
+        record.event.status = status.map(|s| s.as_u16());
         record.event.bytes = Some(done.bytes);
         record.event.latency_ms = Some(record.started.elapsed().as_secs_f64() * 1000.0);
         record.event.masked = done.report.counts().clone();
@@ -398,7 +430,7 @@ impl Gateway {
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(masked.len()));
             self.complete(
                 record,
-                status,
+                Some(status),
                 Completion {
                     bytes: masked.len() as u64,
                     report,
@@ -423,7 +455,7 @@ impl Gateway {
             masking,
             limits.max_response_bytes,
             max_line,
-            move |done| gw.complete(record, status, done),
+            move |done| gw.complete(record, Some(status), done),
         );
         Response::from_parts(parts, body.boxed())
     }
@@ -455,7 +487,7 @@ impl Gateway {
             record.event.relayed = Some(json!({ "toUpstream": to_upstream, "toAgent": to_agent }));
             gw.complete(
                 record,
-                StatusCode::SWITCHING_PROTOCOLS,
+                Some(StatusCode::SWITCHING_PROTOCOLS),
                 Completion {
                     bytes: to_agent,
                     report: MaskReport::default(),

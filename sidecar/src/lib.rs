@@ -14,6 +14,7 @@ pub mod config;
 pub mod gateway;
 pub mod identity;
 pub mod metrics;
+pub mod postgres;
 pub mod refusal;
 pub mod runtime;
 pub mod tls;
@@ -70,8 +71,7 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    /// Binds a listener for every http and kubernetes Connection of `runtime` that has
-    /// none yet. A Connection that disappears keeps its listener, whose requests are then
+    /// Binds a listener for every Connection of `runtime` that has none yet. A Connection that disappears keeps its listener, whose requests are then
     /// denied as not configured.
     fn ensure_listeners(&self, runtime: &Runtime) {
         let mut listeners = self
@@ -79,10 +79,6 @@ impl Sidecar {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for c in runtime.policy.connections() {
-            if c.spec.protocol == Protocol::Postgres {
-                tracing::warn!(connection = %c.name, "postgres connections are not served by this sidecar version; its requests cannot reach the database");
-                continue;
-            }
             let key = (c.name.clone(), c.spec.listen.port);
             if listeners.get(&key).is_some_and(Result::is_ok) {
                 continue;
@@ -94,11 +90,15 @@ impl Sidecar {
             let entry = match bound {
                 Ok(listener) => {
                     tracing::info!(connection = %c.name, %addr, protocol = ?c.spec.protocol, "listening");
-                    Ok(tokio::spawn(gateway::serve(
-                        listener,
-                        c.name.clone(),
-                        self.gateway.clone(),
-                    )))
+                    let (name, gateway) = (c.name.clone(), self.gateway.clone());
+                    Ok(match c.spec.protocol {
+                        Protocol::Postgres => {
+                            tokio::spawn(postgres::serve(listener, name, gateway))
+                        }
+                        Protocol::Http | Protocol::Kubernetes => {
+                            tokio::spawn(gateway::serve(listener, name, gateway))
+                        }
+                    })
                 }
                 Err(e) => {
                     tracing::error!(connection = %c.name, %addr, error = %e, "cannot listen");
@@ -198,6 +198,7 @@ pub async fn run(
         approvals: Arc::new(NotConfigured),
         audit_masking: audit_masking(),
         requests: AtomicU64::new(0),
+        postgres: postgres::Shared::default(),
     });
     let sidecar = Arc::new(Sidecar {
         gateway,

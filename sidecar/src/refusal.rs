@@ -89,7 +89,7 @@ impl Refusal {
     }
 
     /// What the agent can do next.
-    fn next_step(&self) -> &'static str {
+    pub(crate) fn next_step(&self) -> &'static str {
         match self {
             Refusal::Denied { .. } => {
                 "Do not retry this request. If it is needed, ask a human to run it or to change the AgentAccessPolicy."

@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
 use crate::metrics::Metrics;
+use crate::postgres::PgUpstream;
 use crate::upstream::Upstream;
 
 /// One loaded configuration.
@@ -23,6 +24,8 @@ pub struct Runtime {
     pub policy: CompiledPolicy,
     /// Upstream per Connection, or why it cannot be reached (its requests are refused).
     pub upstreams: HashMap<String, Result<Arc<Upstream>, String>>,
+    /// The same for postgres Connections.
+    pub pg_upstreams: HashMap<String, Result<Arc<PgUpstream>, String>>,
     /// Hash of the files it was loaded from.
     pub source_hash: String,
     /// Whether a valid bundle is loaded.
@@ -35,6 +38,7 @@ impl Runtime {
         Self {
             policy: CompiledPolicy::deny_all(),
             upstreams: HashMap::new(),
+            pg_upstreams: HashMap::new(),
             source_hash: String::new(),
             loaded: false,
         }
@@ -117,9 +121,24 @@ pub fn load(sources: &Sources) -> Result<Runtime, LoadError> {
         .filter(|c| c.spec.protocol != Protocol::Postgres)
         .map(|c| (c.name.clone(), upstream_for(c, sources)))
         .collect();
+    let pg_upstreams = policy
+        .connections()
+        .filter(|c| c.spec.protocol == Protocol::Postgres)
+        .map(|c| {
+            let upstream = PgUpstream::new(
+                &c.spec,
+                &sources.credentials_dir,
+                sources.extra_ca.as_deref(),
+            )
+            .map(Arc::new)
+            .map_err(|e| format!("Connection {}: {e}", c.name));
+            (c.name.clone(), upstream)
+        })
+        .collect();
     Ok(Runtime {
         policy,
         upstreams,
+        pg_upstreams,
         source_hash,
         loaded: true,
     })

@@ -71,18 +71,7 @@ pub fn http_client(
     mode: TlsMode,
     server_name: Option<&str>,
 ) -> Result<HttpClient, TlsError> {
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap_or_else(|e| unreachable!("ring supports the default protocol versions: {e}"));
-    let config = match mode {
-        TlsMode::Require => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(EncryptionOnly(provider())))
-            .with_no_client_auth(),
-        TlsMode::VerifyFull | TlsMode::Disable => {
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
-    };
+    let config = client_config(roots, mode);
     let connector = HttpsConnectorBuilder::new().with_tls_config(config);
     let connector = if mode == TlsMode::Disable {
         connector.https_or_http()
@@ -98,6 +87,23 @@ pub fn http_client(
         None => connector,
     };
     Ok(Client::builder(TokioExecutor::new()).build(connector.enable_http1().build()))
+}
+
+/// The TLS client settings for `mode`: certificates verified against `roots`
+/// (`verify-full`), or only the key proven (`require`).
+pub fn client_config(roots: RootCertStore, mode: TlsMode) -> ClientConfig {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|e| unreachable!("ring supports the default protocol versions: {e}"));
+    match mode {
+        TlsMode::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(EncryptionOnly(provider())))
+            .with_no_client_auth(),
+        TlsMode::VerifyFull | TlsMode::Disable => {
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    }
 }
 
 /// `tls.mode: require`: encrypted, and the server proves it holds the certificate's key,

@@ -209,6 +209,11 @@ impl MaskingProfile {
         !self.json_paths.is_empty() || self.credential_keys || self.kubernetes_secrets
     }
 
+    /// Whether any SQL result column is masked by name.
+    pub fn masks_columns(&self) -> bool {
+        !self.columns.is_empty()
+    }
+
     /// Whether the SQL result column `table.column` is masked.
     pub fn masks_column(&self, qualified_column: &str) -> bool {
         !self.columns.is_empty() && any_match(&self.columns, qualified_column)

@@ -1,0 +1,158 @@
+//! The PostgreSQL gateway: one listener per postgres Connection. The agent speaks the
+//! v3 protocol to the sidecar as if it were the server, with the launching user's token
+//! as its password; the sidecar logs in to the real server with the Connection's
+//! credentials, decides every statement, masks every row, and keeps both sides in step
+//! (see `docs/postgres.md`).
+
+pub mod codec;
+mod rows;
+mod session;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+
+use crate::gateway::Gateway;
+pub use upstream::PgUpstream;
+
+/// State the Postgres sessions of one sidecar share.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// The cancel key handed to each agent session → where its query really runs.
+    cancels: Mutex<HashMap<(i32, Bytes), CancelTarget>>,
+    /// `(table OID, column number)` → `table.column`, per Connection, for column masks.
+    catalog: tokio::sync::Mutex<HashMap<String, Catalog>>,
+}
+
+#[derive(Debug, Clone)]
+struct CancelTarget {
+    upstream: Arc<PgUpstream>,
+    pid: i32,
+    key: Bytes,
+}
+
+/// What the sidecar knows of one database's tables, and its connection for asking more.
+#[derive(Debug, Default)]
+struct Catalog {
+    columns: HashMap<(u32, i16), String>,
+    connection: Option<upstream::Established>,
+}
+
+impl Shared {
+    fn register_cancel(&self, target: CancelTarget) -> (i32, Bytes) {
+        let mut cancels = self
+            .cancels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        loop {
+            let mut raw = [0u8; 8];
+            if getrandom::fill(&mut raw).is_err() {
+                // No randomness: use a key nobody can guess only because it is never
+                // registered (cancel then cannot work for this session).
+                return (0, Bytes::new());
+            }
+            let pid = i32::from_be_bytes([raw[0] & 0x7f, raw[1], raw[2], raw[3]]);
+            let key = Bytes::copy_from_slice(&raw[4..]);
+            if let std::collections::hash_map::Entry::Vacant(e) = cancels.entry((pid, key.clone()))
+            {
+                e.insert(target);
+                return (pid, key);
+            }
+        }
+    }
+
+    fn unregister_cancel(&self, pid: i32, key: &Bytes) {
+        self.cancels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&(pid, key.clone()));
+    }
+
+    fn cancel_target(&self, pid: i32, key: &Bytes) -> Option<CancelTarget> {
+        self.cancels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(pid, key.clone()))
+            .cloned()
+    }
+
+    /// `table.column` for each `(table OID, column)` in `wanted`, asking the database
+    /// for the ones not known yet. `None` when the database cannot be asked: the caller
+    /// then masks every column whose origin it cannot name.
+    async fn column_names(
+        &self,
+        connection: &str,
+        upstream: &PgUpstream,
+        wanted: &[(u32, i16)],
+    ) -> Option<HashMap<(u32, i16), String>> {
+        let mut catalogs = self.catalog.lock().await;
+        let catalog = catalogs.entry(connection.to_owned()).or_default();
+        let missing: Vec<u32> = wanted
+            .iter()
+            .filter(|k| !catalog.columns.contains_key(k))
+            .map(|(oid, _)| *oid)
+            .collect();
+        if !missing.is_empty() {
+            if catalog.connection.is_none() {
+                match upstream.connect(&[]).await {
+                    Ok(c) => catalog.connection = Some(c),
+                    Err(e) => {
+                        tracing::warn!(connection, error = %e, "cannot open the catalog connection; masking columns of unknown origin");
+                        return None;
+                    }
+                }
+            }
+            let oids = missing
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            let sql = format!(
+                "SELECT a.attrelid::int8, a.attnum, c.relname, a.attname FROM pg_catalog.pg_attribute a \
+                 JOIN pg_catalog.pg_class c ON c.oid = a.attrelid WHERE a.attrelid IN ({oids}) AND a.attnum > 0"
+            );
+            let rows = match catalog.connection.as_mut()?.simple_query(&sql).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(connection, error = %e, "catalog look-up failed; masking columns of unknown origin");
+                    catalog.connection = None;
+                    return None;
+                }
+            };
+            for row in rows {
+                if let [Some(oid), Some(num), Some(table), Some(column)] = &row[..]
+                    && let (Ok(oid), Ok(num)) = (oid.parse::<i64>(), num.parse::<i16>())
+                {
+                    catalog
+                        .columns
+                        .insert((oid as u32, num), format!("{table}.{column}"));
+                }
+            }
+        }
+        Some(
+            wanted
+                .iter()
+                .filter_map(|k| catalog.columns.get(k).map(|n| (*k, n.clone())))
+                .collect(),
+        )
+    }
+}
+
+/// Serves one postgres Connection's listener until the task is dropped.
+pub async fn serve(listener: TcpListener, connection: String, gateway: Arc<Gateway>) {
+    let connection: Arc<str> = connection.into();
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(connection = %connection, error = %e, "accept failed");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(session::run(gateway.clone(), connection.clone(), stream));
+    }
+}

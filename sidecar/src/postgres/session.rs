@@ -1,0 +1,1231 @@
+//! One agent session: startup and identity, the upstream login, then two halves.
+//!
+//! The agent half reads the agent's messages, decides each statement (on `Query`, on
+//! `Parse`, and again on `Execute`), forwards what is allowed and, for what is refused,
+//! queues the `ErrorResponse` the agent gets in its place. The server half reads the
+//! server's messages and matches them, in order, to what was forwarded — a queue of
+//! [`Pending`] entries — so it knows which result each row belongs to (its masking, its
+//! row limit, its audit record), and it sends the queued refusals at the exact place in
+//! the stream where the server's answer would have been. Refused extended-protocol
+//! messages are skipped up to the next `Sync`, as the server itself skips after an
+//! error, so drivers stay in step.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use agentgate_crds::SqlStatementKind;
+use agentgate_policy::classify::classify_sql;
+use agentgate_policy::masking::{MaskReport, MaskingProfile};
+use agentgate_policy::{Decision, RequestAttrs, SqlRequest, Target, evaluate};
+use bytes::{Bytes, BytesMut};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::codec::{
+    self, Field, Frame, Frontend, ProtocolError, Startup, decode_frame, decode_startup,
+    error_response, parse_frontend, parse_notice_fields, parse_row_description, ready_for_query,
+};
+use super::rows::{Column, mask_row};
+use super::upstream::{MAX_BACKEND_MESSAGE, PgUpstream, passed_parameters};
+use super::{CancelTarget, Shared};
+use crate::approval::{ApprovalOutcome, HeldRequest};
+use crate::body::Completion;
+use crate::gateway::{Gateway, Record};
+use crate::refusal::Refusal;
+use crate::runtime::Runtime;
+
+/// The largest message accepted from the agent.
+const MAX_FRONTEND_MESSAGE: usize = 64 << 20;
+/// The largest startup packet accepted.
+const MAX_STARTUP: usize = 10_000;
+/// Refusals and forwarded messages the server half may lag behind by.
+const PENDING: usize = 4096;
+
+/// SQLSTATEs the gateway answers with.
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
+const INVALID_PASSWORD: &str = "28P01";
+const INVALID_AUTHORIZATION: &str = "28000";
+const CONNECTION_FAILURE: &str = "08006";
+const PROTOCOL_VIOLATION: &str = "08P01";
+const PROGRAM_LIMIT: &str = "54000";
+const FEATURE_NOT_SUPPORTED: &str = "0A000";
+
+type AgentWriter = tokio::net::tcp::OwnedWriteHalf;
+
+/// Runs one agent connection to its end.
+pub(super) async fn run(gw: Arc<Gateway>, connection: Arc<str>, mut agent: TcpStream) {
+    let mut buf = BytesMut::with_capacity(8192);
+    let params = loop {
+        match read_startup(&mut agent, &mut buf).await {
+            Ok(Startup::Ssl) | Ok(Startup::GssEnc) => {
+                // The agent side is loopback inside the pod: plain text.
+                if agent.write_all(b"N").await.is_err() {
+                    return;
+                }
+            }
+            Ok(Startup::Cancel { pid, key }) => return cancel(&gw.postgres, pid, &key).await,
+            Ok(Startup::Startup { version, params }) => {
+                if version != codec::PROTOCOL_3_0 && negotiate(&mut agent, &params).await.is_err() {
+                    return;
+                }
+                break params;
+            }
+            Err(e) => {
+                tracing::debug!(connection = %connection, error = %e, "bad startup packet");
+                let _ = send(
+                    &mut agent,
+                    &[error_response(PROTOCOL_VIOLATION, &e.to_string(), None)],
+                )
+                .await;
+                return;
+            }
+        }
+    };
+    let Some(session) = Session::start(&gw, &connection, &mut agent, &mut buf, &params).await
+    else {
+        return;
+    };
+    session.serve(agent, buf).await;
+}
+
+async fn read_startup(agent: &mut TcpStream, buf: &mut BytesMut) -> Result<Startup, ProtocolError> {
+    loop {
+        if let Some(s) = decode_startup(buf, MAX_STARTUP)? {
+            return Ok(s);
+        }
+        match agent.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(ProtocolError::Truncated("startup")),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// A 3.x client newer than 3.0: offer 3.0 and name the options not understood.
+async fn negotiate(agent: &mut TcpStream, params: &[(String, String)]) -> std::io::Result<()> {
+    let unknown: Vec<&str> = params
+        .iter()
+        .filter(|(k, _)| k.starts_with("_pq_."))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    let mut body = BytesMut::new();
+    bytes::BufMut::put_i32(&mut body, 0);
+    bytes::BufMut::put_i32(&mut body, unknown.len() as i32);
+    for name in unknown {
+        bytes::BufMut::put_slice(&mut body, name.as_bytes());
+        bytes::BufMut::put_u8(&mut body, 0);
+    }
+    send(agent, &[Frame::new(b'v', body)]).await
+}
+
+async fn cancel(shared: &Shared, pid: i32, key: &Bytes) {
+    // Unknown keys are ignored silently, as the server does.
+    if let Some(target) = shared.cancel_target(pid, key)
+        && let Err(e) = target.upstream.cancel(target.pid, &target.key).await
+    {
+        tracing::warn!(error = %e, "cancel request could not reach the database");
+    }
+}
+
+async fn send<W: AsyncWrite + Unpin>(w: &mut W, frames: &[Frame]) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    for f in frames {
+        f.encode(&mut out);
+    }
+    w.write_all(&out).await?;
+    w.flush().await
+}
+
+/// A statement the agent prepared, as classified.
+#[derive(Debug)]
+struct Prepared {
+    sql: Arc<SqlRequest>,
+}
+
+/// The agent half's view of the session.
+struct Session {
+    gw: Arc<Gateway>,
+    connection: Arc<str>,
+    identity: Option<agentgate_policy::Identity>,
+    identity_json: Option<serde_json::Value>,
+    upstream: Arc<PgUpstream>,
+    server: Box<dyn super::upstream::PgStream>,
+    server_buf: BytesMut,
+    cancel_key: (i32, Bytes),
+    modified: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("connection", &self.connection)
+            .finish()
+    }
+}
+
+impl Session {
+    /// Authenticates the agent (its password is the launching user's token), logs in
+    /// upstream, and greets the agent as the server would. `None` when the session
+    /// ends here (the agent has been told why).
+    async fn start(
+        gw: &Arc<Gateway>,
+        connection: &Arc<str>,
+        agent: &mut TcpStream,
+        buf: &mut BytesMut,
+        params: &[(String, String)],
+    ) -> Option<Session> {
+        let runtime = gw.config.load_full();
+        let mut record = Record::new(gw, connection, json!({ "startup": true }));
+        let refuse = |record: &mut Record, code: &str, refusal: Refusal| {
+            gw.note_refusal(record, &refusal);
+            error_response(code, &refusal.reason(), Some(refusal.next_step()))
+        };
+        let (Some(conn), Some(Ok(upstream))) = (
+            runtime.policy.connection(connection),
+            runtime.pg_upstreams.get(&**connection),
+        ) else {
+            let reason = match runtime.pg_upstreams.get(&**connection) {
+                Some(Err(e)) => e.clone(),
+                _ => format!("Connection {connection} is not configured for this pod"),
+            };
+            let e = refuse(
+                &mut record,
+                INVALID_AUTHORIZATION,
+                Refusal::Upstream(reason),
+            );
+            let _ = send(agent, &[e]).await;
+            return None;
+        };
+        let upstream = upstream.clone();
+
+        // 1. identity: the password is the launching user's token
+        let identity = if conn.identities.is_empty() {
+            None
+        } else {
+            let _ = send(agent, &[codec::authentication(3)]).await;
+            let token = loop {
+                match decode_frame(buf, MAX_STARTUP) {
+                    Ok(Some(f)) if f.tag == b'p' => {
+                        break String::from_utf8_lossy(
+                            f.body.strip_suffix(&[0]).unwrap_or(&f.body),
+                        )
+                        .into_owned();
+                    }
+                    Ok(Some(_)) | Err(_) => {
+                        let e =
+                            error_response(PROTOCOL_VIOLATION, "expected a password message", None);
+                        let _ = send(agent, &[e]).await;
+                        return None;
+                    }
+                    Ok(None) => match agent.read_buf(buf).await {
+                        Ok(n) if n > 0 => {}
+                        _ => return None,
+                    },
+                }
+            };
+            match gw.identity.validate(&token, &conn.identities).await {
+                Ok(identity) => Some(identity),
+                Err(e) => {
+                    gw.metrics
+                        .jwt_failures
+                        .with_label_values(&[e.reason()])
+                        .inc();
+                    let reason =
+                        format!("the password must be the launching user's token (a JWT): {e}");
+                    gw.note_refusal(&mut record, &Refusal::Identity(e));
+                    let hint = "Connect with the launching user's token as the password; get a fresh token if it expired.";
+                    let _ = send(
+                        agent,
+                        &[error_response(INVALID_PASSWORD, &reason, Some(hint))],
+                    )
+                    .await;
+                    return None;
+                }
+            }
+        };
+        let identity_json = identity
+            .as_ref()
+            .map(|i| json!({ "issuer": i.issuer, "subject": i.subject, "email": i.email }));
+        record.event.identity = identity_json.clone();
+
+        // 2. the sidecar's own login upstream
+        let established = match upstream.connect(&passed_parameters(params)).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(connection = %connection, error = %e, detail = ?e, "upstream login failed");
+                let err = refuse(
+                    &mut record,
+                    CONNECTION_FAILURE,
+                    Refusal::Upstream(e.to_string()),
+                );
+                let _ = send(agent, &[err]).await;
+                return None;
+            }
+        };
+        let cancel_key = gw.postgres.register_cancel(CancelTarget {
+            upstream: upstream.clone(),
+            pid: established.pid,
+            key: established.key.clone(),
+        });
+        let mut greeting = vec![codec::authentication(0)];
+        greeting.extend(established.parameters.iter().cloned());
+        greeting.push(codec::backend_key_data(cancel_key.0, &cancel_key.1));
+        greeting.push(ready_for_query(b'I'));
+        if send(agent, &greeting).await.is_err() {
+            gw.postgres.unregister_cancel(cancel_key.0, &cancel_key.1);
+            return None;
+        }
+        record.event.kind = "session";
+        record.event.decision = "allow".into();
+        if let Err(e) = gw.audit.record(&record.event) {
+            tracing::error!(error = %e, "a session start could not be recorded");
+        }
+        Some(Session {
+            gw: gw.clone(),
+            connection: connection.clone(),
+            identity,
+            identity_json,
+            upstream,
+            server: established.stream,
+            server_buf: established.buf,
+            cancel_key,
+            modified: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Runs both halves until either side closes.
+    async fn serve(self, agent: TcpStream, agent_buf: BytesMut) {
+        let (agent_read, agent_write) = agent.into_split();
+        let (server_read, server_write) = tokio::io::split(self.server);
+        let (tx, rx) = mpsc::channel(PENDING);
+        let server_half = ServerHalf {
+            gw: self.gw.clone(),
+            connection: self.connection.clone(),
+            upstream: self.upstream.clone(),
+            agent: agent_write,
+            pending: VecDeque::new(),
+            rx,
+            status: b'I',
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            modified: self.modified.clone(),
+            seeking_sync: false,
+            discarding: false,
+        };
+        let server_task = tokio::spawn(server_half.run(server_read, self.server_buf));
+        let mut agent_half = AgentHalf {
+            gw: self.gw.clone(),
+            connection: self.connection.clone(),
+            identity: self.identity,
+            identity_json: self.identity_json,
+            server: server_write,
+            tx,
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            skipping: false,
+            modified: self.modified,
+            out: BytesMut::new(),
+        };
+        let result = agent_half.run(agent_read, agent_buf).await;
+        if let Err(e) = &result {
+            tracing::debug!(connection = %self.connection, error = %e, "agent session ended");
+        }
+        drop(agent_half);
+        let _ = server_task.await;
+        self.gw
+            .postgres
+            .unregister_cancel(self.cancel_key.0, &self.cancel_key.1);
+    }
+}
+
+/// What the server half expects next, in the order the agent half forwarded (or
+/// refused) messages.
+#[derive(Debug)]
+enum Pending {
+    /// A simple-protocol query: results up to `ReadyForQuery`.
+    Query(Box<Execution>),
+    /// `ParseComplete`.
+    Parse,
+    /// The sidecar's own `Describe` of a statement it saw parsed: swallowed, its row
+    /// description kept for masking.
+    DescribeStatement(String),
+    /// `BindComplete`; the portal's columns come from its statement.
+    Bind {
+        portal: String,
+        statement: String,
+        result_formats: Vec<i16>,
+    },
+    /// The agent's `Describe`: up to `RowDescription` or `NoData`.
+    Describe,
+    /// A portal's rows, up to `CommandComplete`, `EmptyQueryResponse` or
+    /// `PortalSuspended`.
+    Execute(Box<Execution>),
+    /// `CloseComplete`.
+    Close,
+    /// `ReadyForQuery`.
+    Sync,
+    /// A refusal in place of the server's answer; with `ready`, a `ReadyForQuery` too
+    /// (a refused simple query or function call).
+    Refused { error: Frame, ready: bool },
+}
+
+/// One statement (or simple query string) on its way, for masking, limits and audit.
+#[derive(Debug)]
+struct Execution {
+    record: Record,
+    masking: Arc<MaskingProfile>,
+    max_rows: Option<u64>,
+    /// The portal, for extended-protocol executions (its rows count across Executes).
+    portal: Option<String>,
+    /// The current result's columns.
+    columns: Vec<Column>,
+    /// Whether `columns` has been worked out for the current result.
+    described: bool,
+    rows: u64,
+    report: MaskReport,
+    copy_in: bool,
+    /// Set when the row limit cut the result: rows are dropped until the result ends.
+    cut_off: bool,
+    /// A column-masked COPY TO: its data is dropped, the agent gets an error.
+    copy_refused: bool,
+    /// A simple query whose result was replaced by an error: everything up to
+    /// `ReadyForQuery` is dropped.
+    silenced: bool,
+}
+
+struct AgentHalf {
+    gw: Arc<Gateway>,
+    connection: Arc<str>,
+    identity: Option<agentgate_policy::Identity>,
+    identity_json: Option<serde_json::Value>,
+    server: tokio::io::WriteHalf<Box<dyn super::upstream::PgStream>>,
+    tx: mpsc::Sender<Pending>,
+    statements: HashMap<String, Prepared>,
+    /// Portal → (statement, bind parameters for the audit record).
+    portals: HashMap<String, (String, Vec<String>)>,
+    /// After a refusal inside an extended-protocol batch: drop messages up to `Sync`.
+    skipping: bool,
+    modified: Arc<AtomicU64>,
+    out: BytesMut,
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("the server half ended")]
+    ServerGone,
+    #[error("the agent said goodbye")]
+    Terminated,
+}
+
+impl AgentHalf {
+    async fn run(
+        &mut self,
+        mut agent: tokio::net::tcp::OwnedReadHalf,
+        mut buf: BytesMut,
+    ) -> Result<(), SessionEnd> {
+        loop {
+            loop {
+                let frame = match decode_frame(&mut buf, MAX_FRONTEND_MESSAGE) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.flush().await?;
+                        let _ = self
+                            .queue(Pending::Refused {
+                                error: error_response(PROTOCOL_VIOLATION, &e.to_string(), None),
+                                ready: false,
+                            })
+                            .await;
+                        return Err(e.into());
+                    }
+                };
+                self.message(frame).await?;
+            }
+            self.flush().await?;
+            if agent.read_buf(&mut buf).await? == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends what has been forwarded so far to the server.
+    async fn flush(&mut self) -> Result<(), SessionEnd> {
+        if !self.out.is_empty() {
+            self.server.write_all(&self.out).await?;
+            self.server.flush().await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    fn forward(&mut self, frame: &Frame) {
+        frame.encode(&mut self.out);
+    }
+
+    async fn queue(&mut self, pending: Pending) -> Result<(), SessionEnd> {
+        self.tx
+            .send(pending)
+            .await
+            .map_err(|_| SessionEnd::ServerGone)
+    }
+
+    async fn message(&mut self, frame: Frame) -> Result<(), SessionEnd> {
+        let message = parse_frontend(&frame)?;
+        if self.skipping && !matches!(message, Frontend::Sync | Frontend::Terminate) {
+            return Ok(());
+        }
+        match message {
+            Frontend::Query(text) => {
+                let sql = Arc::new(classify_sql(&text));
+                // Decide before anything reaches the server; flush first so earlier
+                // messages are not held back behind an approval.
+                self.flush().await?;
+                match self.decide(&sql, None).await {
+                    Ok(execution) => {
+                        self.forward(&frame);
+                        self.queue(Pending::Query(execution)).await?;
+                    }
+                    Err(error) => self.queue(Pending::Refused { error, ready: true }).await?,
+                }
+            }
+            Frontend::Parse { name, query } => {
+                let sql = Arc::new(classify_sql(&query));
+                self.flush().await?;
+                match self.decide(&sql, None).await {
+                    Ok(_) => {
+                        self.forward(&frame);
+                        self.queue(Pending::Parse).await?;
+                        // Ask for the statement's columns, so its rows can be masked
+                        // however the agent binds and describes it.
+                        let mut describe = vec![b'S'];
+                        describe.extend_from_slice(name.as_bytes());
+                        describe.push(0);
+                        self.forward(&Frame::new(b'D', describe));
+                        self.queue(Pending::DescribeStatement(name.clone())).await?;
+                        self.statements.insert(name, Prepared { sql });
+                    }
+                    Err(error) => self.refuse_in_batch(error).await?,
+                }
+            }
+            Frontend::Bind {
+                portal,
+                statement,
+                param_formats,
+                params,
+                result_formats,
+            } => {
+                if !self.statements.contains_key(&statement) {
+                    let error = error_response(
+                        "26000",
+                        &format!("prepared statement {statement:?} does not exist"),
+                        None,
+                    );
+                    return self.refuse_in_batch(error).await;
+                }
+                let shown = self.parameters(&param_formats, &params);
+                self.portals
+                    .insert(portal.clone(), (statement.clone(), shown));
+                self.forward(&frame);
+                self.queue(Pending::Bind {
+                    portal,
+                    statement,
+                    result_formats,
+                })
+                .await?;
+            }
+            Frontend::Execute { portal, .. } => {
+                // Re-checked now: the policy may have changed, the session's write
+                // budget may be spent.
+                let Some((statement, parameters)) = self.portals.get(&portal).cloned() else {
+                    let error =
+                        error_response("34000", &format!("portal {portal:?} does not exist"), None);
+                    return self.refuse_in_batch(error).await;
+                };
+                let Some(sql) = self.statements.get(&statement).map(|p| p.sql.clone()) else {
+                    let error = error_response(
+                        "26000",
+                        &format!("prepared statement {statement:?} does not exist"),
+                        None,
+                    );
+                    return self.refuse_in_batch(error).await;
+                };
+                self.flush().await?;
+                match self.decide(&sql, Some(parameters)).await {
+                    Ok(mut execution) => {
+                        execution.portal = Some(portal);
+                        self.forward(&frame);
+                        self.queue(Pending::Execute(execution)).await?;
+                    }
+                    Err(error) => self.refuse_in_batch(error).await?,
+                }
+            }
+            Frontend::Describe { target, name } => {
+                let known = if target == b'S' {
+                    self.statements.contains_key(&name)
+                } else {
+                    self.portals.contains_key(&name)
+                };
+                if !known {
+                    let error = error_response("26000", &format!("{name:?} does not exist"), None);
+                    return self.refuse_in_batch(error).await;
+                }
+                self.forward(&frame);
+                self.queue(Pending::Describe).await?;
+            }
+            Frontend::Close { target, name } => {
+                if target == b'S' {
+                    self.statements.remove(&name);
+                } else {
+                    self.portals.remove(&name);
+                }
+                self.forward(&frame);
+                self.queue(Pending::Close).await?;
+            }
+            Frontend::Sync => {
+                self.skipping = false;
+                self.forward(&frame);
+                self.queue(Pending::Sync).await?;
+            }
+            Frontend::Flush | Frontend::CopyData | Frontend::CopyDone | Frontend::CopyFail => {
+                self.forward(&frame)
+            }
+            Frontend::Terminate => {
+                self.forward(&frame);
+                self.flush().await?;
+                return Err(SessionEnd::Terminated);
+            }
+            Frontend::FunctionCall => {
+                let mut record = self.record(json!({ "functionCall": true }));
+                let refusal = Refusal::Denied {
+                    rule: None,
+                    policy: None,
+                    reason: "fast-path function calls run functions by OID, out of sight of SQL classification; use SQL".into(),
+                };
+                self.gw.note_refusal(&mut record, &refusal);
+                let error = error_response(
+                    FEATURE_NOT_SUPPORTED,
+                    &refusal.reason(),
+                    Some(refusal.next_step()),
+                );
+                self.queue(Pending::Refused { error, ready: true }).await?;
+            }
+            Frontend::Password(_) | Frontend::Unknown(_) => {
+                let error = error_response(
+                    PROTOCOL_VIOLATION,
+                    &format!("unexpected message type {:?}", frame.tag as char),
+                    None,
+                );
+                self.queue(Pending::Refused {
+                    error,
+                    ready: false,
+                })
+                .await?;
+                return Err(ProtocolError::Truncated("unexpected").into());
+            }
+        }
+        Ok(())
+    }
+
+    /// A refusal inside an extended-protocol batch: the error now, then skip to `Sync`.
+    async fn refuse_in_batch(&mut self, error: Frame) -> Result<(), SessionEnd> {
+        self.skipping = true;
+        self.queue(Pending::Refused {
+            error,
+            ready: false,
+        })
+        .await
+    }
+
+    fn record(&self, request: serde_json::Value) -> Record {
+        let mut record = Record::new(&self.gw, &self.connection, request);
+        record.event.identity = self.identity_json.clone();
+        record
+    }
+
+    /// Bind parameters as the audit record shows them: text masked, binary by size.
+    fn parameters(&self, formats: &[i16], params: &[Option<Bytes>]) -> Vec<String> {
+        params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let binary = match formats {
+                    [] => false,
+                    [one] => *one == 1,
+                    many => many.get(i) == Some(&1),
+                };
+                match p {
+                    None => "NULL".to_owned(),
+                    Some(v) if binary => format!("<{} binary bytes>", v.len()),
+                    Some(v) => {
+                        let mut report = MaskReport::default();
+                        let masked = self.gw.audit_masking.mask_bytes(v, &mut report);
+                        let text = String::from_utf8_lossy(&masked);
+                        text.chars().take(256).collect()
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// The pipeline's identity → classification → decision → approval → record steps
+    /// for one statement text. `Err` is the `ErrorResponse` the agent gets instead.
+    async fn decide(
+        &mut self,
+        sql: &Arc<SqlRequest>,
+        parameters: Option<Vec<String>>,
+    ) -> Result<Box<Execution>, Frame> {
+        let runtime: Arc<Runtime> = self.gw.config.load_full();
+        let mut record = self.record(summary(sql));
+        record.event.parameters = parameters;
+        let attrs = RequestAttrs {
+            connection: self.connection.to_string(),
+            identity: self.identity.clone(),
+            target: Target::Postgres((**sql).clone()),
+        };
+        let evaluation = evaluate(&runtime.policy, &attrs);
+        record.event.policy = evaluation.policy.clone();
+        record.event.rule = evaluation.decision.rule().map(str::to_owned);
+        let refuse = |record: &mut Record, refusal: Refusal| {
+            self.gw.note_refusal(record, &refusal);
+            let code = match refusal {
+                Refusal::Denied { .. } | Refusal::NotApproved { .. } => INSUFFICIENT_PRIVILEGE,
+                _ => CONNECTION_FAILURE,
+            };
+            let message = match refusal.rule() {
+                Some(rule) => format!("agentgate: rule {rule}: {}", refusal.reason()),
+                None => format!("agentgate: {}", refusal.reason()),
+            };
+            error_response(code, &message, Some(refusal.next_step()))
+        };
+        match &evaluation.decision {
+            Decision::Allow { .. } => {}
+            Decision::Deny { rule, reason } => {
+                let refusal = Refusal::Denied {
+                    rule: rule.clone(),
+                    policy: evaluation.policy.clone(),
+                    reason: reason.clone(),
+                };
+                return Err(refuse(&mut record, refusal));
+            }
+            Decision::RequireApproval { rule, approval } => {
+                let held = HeldRequest {
+                    attrs: &attrs,
+                    rule: rule.as_deref(),
+                    policy: evaluation.policy.as_deref(),
+                    approval,
+                };
+                match self.gw.approvals.decide(held).await {
+                    ApprovalOutcome::Approved { approval } => {
+                        record.event.reason = Some(format!("approved in {approval}"))
+                    }
+                    ApprovalOutcome::Refused { reason } => {
+                        let refusal = Refusal::NotApproved {
+                            rule: rule.clone(),
+                            reason,
+                        };
+                        return Err(refuse(&mut record, refusal));
+                    }
+                }
+            }
+        }
+        if let Some(limit) = evaluation.limits.max_rows_modified_per_session
+            && sql.statements.iter().any(|s| writes_rows(s.kind))
+        {
+            let done = self.modified.load(Ordering::Relaxed);
+            if done >= limit {
+                let refusal = Refusal::Denied {
+                    rule: None,
+                    policy: evaluation.policy.clone(),
+                    reason: format!(
+                        "this session has already changed {done} rows; limits.maxRowsModifiedPerSession is {limit}, so no further writes are allowed in it"
+                    ),
+                };
+                return Err(refuse(&mut record, refusal));
+            }
+        }
+        if let Err(refusal) = self.gw.record_allowed(&mut record) {
+            return Err(refuse(&mut record, refusal));
+        }
+        Ok(Box::new(Execution {
+            record,
+            masking: evaluation.masking.clone(),
+            max_rows: evaluation.limits.max_rows_per_query,
+            portal: None,
+            columns: Vec::new(),
+            described: false,
+            rows: 0,
+            report: MaskReport::default(),
+            copy_in: false,
+            cut_off: false,
+            copy_refused: false,
+            silenced: false,
+        }))
+    }
+}
+
+fn writes_rows(kind: SqlStatementKind) -> bool {
+    use SqlStatementKind as K;
+    matches!(kind, K::Insert | K::Update | K::Delete | K::Merge | K::Copy)
+}
+
+/// What the audit record shows of a statement: its normalized text (literals replaced,
+/// so values typed into it are not kept), its classification and fingerprint.
+fn summary(sql: &SqlRequest) -> serde_json::Value {
+    json!({
+        "sql": sql.normalized.clone().unwrap_or_else(|| "<text the parser rejects>".into()),
+        "statements": sql.statements,
+        "fingerprint": sql.fingerprint,
+    })
+}
+
+struct ServerHalf {
+    gw: Arc<Gateway>,
+    connection: Arc<str>,
+    upstream: Arc<PgUpstream>,
+    agent: AgentWriter,
+    pending: VecDeque<Pending>,
+    rx: mpsc::Receiver<Pending>,
+    /// The transaction status of the last `ReadyForQuery`, for refusals of simple
+    /// queries.
+    status: u8,
+    /// Statement → its row description (formats unset).
+    statements: HashMap<String, Vec<Field>>,
+    /// Portal → its columns with the bound formats, and rows sent so far.
+    portals: HashMap<String, (Vec<Field>, Vec<i16>, u64)>,
+    modified: Arc<AtomicU64>,
+    /// After an error inside a batch: entries are dropped until its `Sync` arrives.
+    seeking_sync: bool,
+    /// After an error inside a batch: server messages are dropped until `ReadyForQuery`.
+    discarding: bool,
+}
+
+impl ServerHalf {
+    async fn run<R: AsyncRead + Unpin>(mut self, mut server: R, mut buf: BytesMut) {
+        let mut out = BytesMut::new();
+        let mut open = true;
+        loop {
+            // Refusals at the head of the queue go out now: nothing is owed before them.
+            self.send_refusals(&mut out);
+            if !out.is_empty() {
+                if self.agent.write_all(&out).await.is_err() {
+                    return;
+                }
+                out.clear();
+            }
+            tokio::select! {
+                biased;
+                p = self.rx.recv(), if open => match p {
+                    Some(p) => self.push(p),
+                    None => open = false,
+                },
+                n = server.read_buf(&mut buf) => {
+                    match n {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    // Entries for what the server answers are queued before it is sent.
+                    while let Ok(p) = self.rx.try_recv() {
+                        self.push(p);
+                    }
+                    loop {
+                        match decode_frame(&mut buf, MAX_BACKEND_MESSAGE) {
+                            Ok(Some(frame)) => {
+                                if let Err(e) = self.message(frame, &mut out).await {
+                                    tracing::warn!(connection = %self.connection, error = %e, "server message could not be handled; closing the session");
+                                    let _ = self.agent.write_all(&out).await;
+                                    return;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::warn!(connection = %self.connection, error = %e, "server broke the protocol; closing the session");
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues an entry — unless the batch it belongs to failed, in which case it is
+    /// dropped (the agent expects no answer to it; see [`Self::fail_batch`]).
+    fn push(&mut self, p: Pending) {
+        if !self.seeking_sync {
+            self.pending.push_back(p);
+            return;
+        }
+        match p {
+            Pending::Sync => {
+                self.seeking_sync = false;
+                self.pending.push_back(p);
+            }
+            Pending::Execute(e) | Pending::Query(e) => {
+                self.complete(
+                    *e,
+                    Some("not run: an earlier message in its batch failed".into()),
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// An error inside an extended-protocol batch: the agent now expects nothing until
+    /// the batch's `ReadyForQuery`. Entries up to the `Sync` are dropped, and whatever
+    /// the server still sends for them (it does when the error was the sidecar's) is
+    /// swallowed.
+    fn fail_batch(&mut self) {
+        self.seeking_sync = true;
+        self.discarding = true;
+        let rest: Vec<Pending> = self.pending.drain(..).collect();
+        for p in rest {
+            self.push(p);
+        }
+    }
+
+    fn send_refusals(&mut self, out: &mut BytesMut) {
+        while let Some(Pending::Refused { .. }) = self.pending.front() {
+            if let Some(Pending::Refused { error, ready }) = self.pending.pop_front() {
+                error.encode(out);
+                if ready {
+                    ready_for_query(self.status).encode(out);
+                }
+            }
+        }
+    }
+
+    fn complete(&self, mut e: Execution, error: Option<String>) {
+        e.record.event.rows_returned = Some(e.rows);
+        self.gw.complete(
+            e.record,
+            None,
+            Completion {
+                bytes: 0,
+                report: e.report,
+                error,
+            },
+        );
+    }
+
+    fn head(&mut self) -> Option<&mut Execution> {
+        match self.pending.front_mut() {
+            Some(Pending::Query(e) | Pending::Execute(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    async fn message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), ProtocolError> {
+        // Asynchronous messages belong to no request.
+        if matches!(frame.tag, b'N' | b'S' | b'A') {
+            frame.encode(out);
+            return Ok(());
+        }
+        if self.discarding && frame.tag != b'Z' {
+            return Ok(());
+        }
+        self.send_refusals(out);
+        let Some(head) = self.pending.front_mut() else {
+            // Nothing was asked: the server is ending the session (a FATAL error).
+            frame.encode(out);
+            return Ok(());
+        };
+        let ends = match head {
+            Pending::Query(_) => return self.result(frame, out, true).await,
+            Pending::Execute(_) => return self.result(frame, out, false).await,
+            Pending::Parse => frame.tag == b'1',
+            Pending::DescribeStatement(name) => {
+                match frame.tag {
+                    b't' => {}
+                    b'T' => {
+                        let name = name.clone();
+                        self.statements
+                            .insert(name, parse_row_description(&frame.body)?);
+                        self.pending.pop_front();
+                    }
+                    b'n' => {
+                        let name = name.clone();
+                        self.statements.insert(name, Vec::new());
+                        self.pending.pop_front();
+                    }
+                    _ => {
+                        frame.encode(out);
+                        self.pending.pop_front();
+                        if frame.tag == b'E' {
+                            self.fail_batch();
+                        }
+                    }
+                }
+                return Ok(());
+            }
+            Pending::Bind {
+                portal,
+                statement,
+                result_formats,
+            } => {
+                if frame.tag == b'2' {
+                    let fields = self.statements.get(statement).cloned().unwrap_or_default();
+                    let formats = expand(result_formats, fields.len());
+                    self.portals.insert(portal.clone(), (fields, formats, 0));
+                }
+                frame.tag == b'2'
+            }
+            Pending::Describe => matches!(frame.tag, b'T' | b'n'),
+            Pending::Close => frame.tag == b'3',
+            Pending::Sync => {
+                if frame.tag == b'Z' {
+                    self.status = frame.body.first().copied().unwrap_or(b'I');
+                    self.discarding = false;
+                }
+                frame.tag == b'Z'
+            }
+            Pending::Refused { .. } => unreachable!("refusals at the head were sent above"),
+        };
+        frame.encode(out);
+        if frame.tag == b'E' {
+            self.pending.pop_front();
+            self.fail_batch();
+        } else if ends {
+            self.pending.pop_front();
+        }
+        Ok(())
+    }
+
+    /// A message of a statement's result (simple query or portal execution).
+    async fn result(
+        &mut self,
+        frame: Frame,
+        out: &mut BytesMut,
+        is_query: bool,
+    ) -> Result<(), ProtocolError> {
+        let Some(e) = self.head() else { return Ok(()) };
+        if e.silenced && frame.tag != b'Z' {
+            return Ok(());
+        }
+        match frame.tag {
+            b'T' => {
+                let masking = e.masking.clone();
+                let fields = parse_row_description(&frame.body)?;
+                let formats: Vec<i16> = fields.iter().map(|f| f.format).collect();
+                let columns = self.columns(&fields, &formats, &masking).await;
+                if let Some(e) = self.head() {
+                    e.columns = columns;
+                    e.described = true;
+                }
+                frame.encode(out);
+            }
+            b'D' => {
+                if e.cut_off {
+                    return Ok(());
+                }
+                let portal = e.portal.clone();
+                let described = e.described;
+                let masking = e.masking.clone();
+                let (sent, fields) = portal
+                    .as_ref()
+                    .and_then(|p| self.portals.get(p))
+                    .map_or((0, None), |(f, formats, n)| {
+                        (*n, Some((f.clone(), formats.clone())))
+                    });
+                if !described && let Some((fields, formats)) = fields {
+                    let columns = self.columns(&fields, &formats, &masking).await;
+                    if let Some(e) = self.head() {
+                        e.columns = columns;
+                        e.described = true;
+                    }
+                }
+                let Some(e) = self.head() else { return Ok(()) };
+                if e.max_rows.is_some_and(|max| sent + e.rows >= max) {
+                    e.cut_off = true;
+                    return Ok(());
+                }
+                e.rows += 1;
+                match mask_row(&e.columns, &e.masking, &frame.body, &mut e.report)? {
+                    Some(masked) => masked.encode(out),
+                    None => frame.encode(out),
+                }
+            }
+            b'G' => {
+                e.copy_in = true;
+                frame.encode(out);
+            }
+            b'H' if e.masking.masks_columns() => e.copy_refused = true,
+            b'd' | b'c' if e.copy_refused || e.cut_off => {}
+            b'd' => {
+                e.rows += 1;
+                match e.masking.mask_bytes(&frame.body, &mut e.report) {
+                    std::borrow::Cow::Borrowed(_) => frame.encode(out),
+                    std::borrow::Cow::Owned(masked) => Frame::new(b'd', masked).encode(out),
+                }
+            }
+            b'C' | b'I' | b's' => self.statement_done(frame, out, is_query),
+            b'E' => {
+                frame.encode(out);
+                let message = parse_notice_fields(&frame.body)
+                    .into_iter()
+                    .find(|(c, _)| *c == b'M')
+                    .map_or_else(|| "the database returned an error".to_owned(), |(_, m)| m);
+                if is_query {
+                    // The server skips the rest of the string; ReadyForQuery follows.
+                    if let Some(e) = self.head() {
+                        let mut record = e.record.clone();
+                        record.event.rows_returned = Some(e.rows);
+                        let report = std::mem::take(&mut e.report);
+                        e.rows = 0;
+                        self.gw.complete(
+                            record,
+                            None,
+                            Completion {
+                                bytes: 0,
+                                report,
+                                error: Some(message),
+                            },
+                        );
+                    }
+                } else if let Some(Pending::Execute(e)) = self.pending.pop_front() {
+                    self.complete(*e, Some(message));
+                    self.fail_batch();
+                }
+            }
+            b'Z' if is_query => {
+                self.status = frame.body.first().copied().unwrap_or(b'I');
+                frame.encode(out);
+                self.pending.pop_front();
+            }
+            _ if e.cut_off => {}
+            _ => frame.encode(out),
+        }
+        Ok(())
+    }
+
+    /// The end of one statement's result: count what it changed, apply a cut-off,
+    /// record it.
+    fn statement_done(&mut self, frame: Frame, out: &mut BytesMut, is_query: bool) {
+        let modified = self.modified.clone();
+        let Some(e) = self.head() else { return };
+        let tag = if frame.tag == b'C' {
+            String::from_utf8_lossy(frame.body.strip_suffix(&[0]).unwrap_or(&frame.body))
+                .into_owned()
+        } else {
+            String::new()
+        };
+        let affected = codec::rows_modified(&tag, e.copy_in);
+        if let Some(n) = affected {
+            modified.fetch_add(n, Ordering::Relaxed);
+        }
+        let rows = e.rows;
+        let error = if e.copy_refused {
+            Some("COPY TO cannot be column-masked, and this policy masks columns; read the rows with SELECT".to_owned())
+        } else if e.cut_off {
+            Some(format!(
+                "the result was cut off after {} rows: limits.maxRowsPerQuery is {}",
+                rows,
+                e.max_rows.unwrap_or(0)
+            ))
+        } else {
+            None
+        };
+        match &error {
+            Some(message) => {
+                error_response(PROGRAM_LIMIT, &format!("agentgate: {message}"), None).encode(out)
+            }
+            None => frame.encode(out),
+        }
+        let mut record = e.record.clone();
+        record.event.rows_affected = affected;
+        record.event.rows_returned = Some(rows);
+        let report = std::mem::take(&mut e.report);
+        let portal = e.portal.clone();
+        e.rows = 0;
+        e.columns.clear();
+        e.described = false;
+        e.copy_in = false;
+        if error.is_some() {
+            self.gw
+                .metrics
+                .responses_refused
+                .with_label_values(&["cut_off"])
+                .inc();
+        }
+        let replaced = error.is_some();
+        self.gw.complete(
+            record,
+            None,
+            Completion {
+                bytes: 0,
+                report,
+                error,
+            },
+        );
+        if let Some(portal) = portal
+            && let Some((_, _, n)) = self.portals.get_mut(&portal)
+        {
+            *n += rows;
+        }
+        if is_query {
+            // After a replaced result the agent expects only ReadyForQuery: the rest of
+            // the string's results are dropped.
+            if replaced && let Some(e) = self.head() {
+                e.silenced = true;
+            }
+            return;
+        }
+        self.pending.pop_front();
+        if replaced {
+            self.fail_batch();
+        }
+    }
+
+    /// Each column's masking, naming its origin through the catalog when the policy
+    /// masks columns.
+    async fn columns(
+        &self,
+        fields: &[Field],
+        formats: &[i16],
+        masking: &MaskingProfile,
+    ) -> Vec<Column> {
+        let wanted: Vec<(u32, i16)> = fields
+            .iter()
+            .filter(|f| f.table_oid != 0)
+            .map(|f| (f.table_oid, f.column))
+            .collect();
+        let names = if masking.masks_columns() && !wanted.is_empty() {
+            self.gw
+                .postgres
+                .column_names(&self.connection, &self.upstream, &wanted)
+                .await
+        } else {
+            Some(HashMap::new())
+        };
+        fields
+            .iter()
+            .zip(formats.iter().copied().chain(std::iter::repeat(0)))
+            .map(|(f, format)| match &names {
+                Some(names) => Column::new(
+                    f,
+                    format,
+                    names.get(&(f.table_oid, f.column)).map(String::as_str),
+                    masking,
+                ),
+                // The catalog could not be asked: every column from a table is masked.
+                None if f.table_oid != 0 => Column::masked(f, format),
+                None => Column::new(f, format, None, masking),
+            })
+            .collect()
+    }
+}
+
+/// Bind's result format codes for `n` columns: none means text, one applies to all.
+fn expand(formats: &[i16], n: usize) -> Vec<i16> {
+    match formats {
+        [] => vec![0; n],
+        [one] => vec![*one; n],
+        many => many.to_vec(),
+    }
+}
