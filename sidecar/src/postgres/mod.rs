@@ -88,56 +88,110 @@ impl Shared {
         upstream: &PgUpstream,
         wanted: &[(u32, i16)],
     ) -> Option<HashMap<(u32, i16), String>> {
-        let mut catalogs = self.catalog.lock().await;
-        let catalog = catalogs.entry(connection.to_owned()).or_default();
-        let missing: Vec<u32> = wanted
-            .iter()
-            .filter(|k| !catalog.columns.contains_key(k))
-            .map(|(oid, _)| *oid)
-            .collect();
-        if !missing.is_empty() {
-            if catalog.connection.is_none() {
-                match upstream.connect(&[]).await {
-                    Ok(c) => catalog.connection = Some(c),
-                    Err(e) => {
-                        tracing::warn!(connection, error = %e, "cannot open the catalog connection; masking columns of unknown origin");
-                        return None;
-                    }
-                }
-            }
-            let oids = missing
+        let missing: Vec<String> = {
+            let catalogs = self.catalog.lock().await;
+            let known = catalogs.get(connection).map(|c| &c.columns);
+            wanted
                 .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(",");
+                .filter(|k| known.is_none_or(|m| !m.contains_key(k)))
+                .map(|(oid, _)| oid.to_string())
+                .collect()
+        };
+        if !missing.is_empty() {
             let sql = format!(
                 "SELECT a.attrelid::int8, a.attnum, c.relname, a.attname FROM pg_catalog.pg_attribute a \
-                 JOIN pg_catalog.pg_class c ON c.oid = a.attrelid WHERE a.attrelid IN ({oids}) AND a.attnum > 0"
+                 JOIN pg_catalog.pg_class c ON c.oid = a.attrelid WHERE a.attrelid IN ({}) AND a.attnum > 0",
+                missing.join(",")
             );
-            let rows = match catalog.connection.as_mut()?.simple_query(&sql).await {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::warn!(connection, error = %e, "catalog look-up failed; masking columns of unknown origin");
-                    catalog.connection = None;
-                    return None;
-                }
-            };
+            let rows = self.catalog_query(connection, upstream, &sql).await?;
+            let mut catalogs = self.catalog.lock().await;
+            let columns = &mut catalogs.entry(connection.to_owned()).or_default().columns;
             for row in rows {
                 if let [Some(oid), Some(num), Some(table), Some(column)] = &row[..]
-                    && let (Ok(oid), Ok(num)) = (oid.parse::<i64>(), num.parse::<i16>())
+                    && let (Ok(oid), Ok(num)) = (oid.parse::<u32>(), num.parse::<i16>())
                 {
-                    catalog
-                        .columns
-                        .insert((oid as u32, num), format!("{table}.{column}"));
+                    columns.insert((oid, num), format!("{table}.{column}"));
                 }
             }
         }
+        let catalogs = self.catalog.lock().await;
+        let columns = &catalogs.get(connection)?.columns;
         Some(
             wanted
                 .iter()
-                .filter_map(|k| catalog.columns.get(k).map(|n| (*k, n.clone())))
+                .filter_map(|k| columns.get(k).map(|n| (*k, n.clone())))
                 .collect(),
         )
+    }
+}
+
+impl Shared {
+    /// Whether any column of `tables` (`schema.table`) is masked by `masking`. `None`
+    /// when the catalog cannot say (the caller then assumes one is).
+    async fn tables_have_masked_columns(
+        &self,
+        connection: &str,
+        upstream: &PgUpstream,
+        tables: &[String],
+        masking: &agentgate_policy::masking::MaskingProfile,
+    ) -> Option<bool> {
+        let mut pairs = Vec::new();
+        for t in tables {
+            let (schema, table) = t.split_once('.')?;
+            // Names come from the agent's SQL: only plain ones are put into a query.
+            let plain = |s: &str| {
+                s.chars()
+                    .all(|c| c.is_alphanumeric() || c == '_' || c == '$')
+            };
+            if !plain(schema) || !plain(table) {
+                return None;
+            }
+            pairs.push(format!("('{schema}','{table}')"));
+        }
+        if pairs.is_empty() {
+            return Some(false);
+        }
+        let sql = format!(
+            "SELECT c.relname, a.attname FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE a.attnum > 0 AND NOT a.attisdropped AND (n.nspname, c.relname) IN ({})",
+            pairs.join(",")
+        );
+        let rows = self.catalog_query(connection, upstream, &sql).await?;
+        Some(rows.iter().any(|row| match &row[..] {
+            [Some(table), Some(column)] => masking.masks_column(&format!("{table}.{column}")),
+            _ => true,
+        }))
+    }
+
+    /// Runs one of the sidecar's own catalog queries on the Connection's catalog
+    /// connection (opened on first use, reopened after a failure).
+    async fn catalog_query(
+        &self,
+        connection: &str,
+        upstream: &PgUpstream,
+        sql: &str,
+    ) -> Option<Vec<Vec<Option<String>>>> {
+        let mut catalogs = self.catalog.lock().await;
+        let catalog = catalogs.entry(connection.to_owned()).or_default();
+        if catalog.connection.is_none() {
+            match upstream.connect(&[]).await {
+                Ok(c) => catalog.connection = Some(c),
+                Err(e) => {
+                    tracing::warn!(connection, error = %e, "cannot open the catalog connection; masking what cannot be looked up");
+                    return None;
+                }
+            }
+        }
+        match catalog.connection.as_mut()?.simple_query(sql).await {
+            Ok(rows) => Some(rows),
+            Err(e) => {
+                tracing::warn!(connection, error = %e, "catalog look-up failed; masking what cannot be looked up");
+                catalog.connection = None;
+                None
+            }
+        }
     }
 }
 

@@ -379,6 +379,8 @@ struct Execution {
     max_rows: Option<u64>,
     /// The portal, for extended-protocol executions (its rows count across Executes).
     portal: Option<String>,
+    /// Every table the statements touch.
+    tables: Vec<String>,
     /// The current result's columns.
     columns: Vec<Column>,
     /// Whether `columns` has been worked out for the current result.
@@ -758,6 +760,11 @@ impl AgentHalf {
             masking: evaluation.masking.clone(),
             max_rows: evaluation.limits.max_rows_per_query,
             portal: None,
+            tables: sql
+                .statements
+                .iter()
+                .flat_map(|s| s.tables.iter().cloned())
+                .collect(),
             columns: Vec::new(),
             described: false,
             rows: 0,
@@ -1055,7 +1062,23 @@ impl ServerHalf {
                 e.copy_in = true;
                 frame.encode(out);
             }
-            b'H' if e.masking.masks_columns() => e.copy_refused = true,
+            b'H' if e.masking.masks_columns() => {
+                // COPY names no columns: refuse it when any table it reads has a masked
+                // column (or when that cannot be looked up).
+                let (tables, masking) = (e.tables.clone(), e.masking.clone());
+                let masked = self
+                    .gw
+                    .postgres
+                    .tables_have_masked_columns(&self.connection, &self.upstream, &tables, &masking)
+                    .await
+                    .unwrap_or(true);
+                if let Some(e) = self.head() {
+                    e.copy_refused = masked;
+                }
+                if !masked {
+                    frame.encode(out);
+                }
+            }
             b'd' | b'c' if e.copy_refused || e.cut_off => {}
             b'd' => {
                 e.rows += 1;
