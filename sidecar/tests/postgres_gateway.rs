@@ -23,6 +23,7 @@ CREATE ROLE app LOGIN PASSWORD 'app-password-Zq8x-never-shown';
 CREATE SCHEMA secret;
 CREATE TABLE public.orders (id int PRIMARY KEY, total numeric, note text);
 INSERT INTO public.orders SELECT g, g * 10, 'order ' || g FROM generate_series(1, 20) g;
+CREATE UNIQUE INDEX ON public.orders (note);
 CREATE TABLE public.customers (id int, name text, email text, ssn text, api_key text, age int);
 INSERT INTO public.customers VALUES
   (1, 'Jane', 'jane@example.com', '123-45-6789', 'AKIAIOSFODNN7EXAMPLE', 41),
@@ -266,7 +267,7 @@ async fn psql_reads_pass_writes_and_ddl_are_denied_results_are_masked() {
 
     // \copy in both directions (allowed for public.orders by the copy rule).
     let file = s.sidecar.path("rows.csv");
-    std::fs::write(&file, "101,5,copied\n102,6,copied\n").unwrap();
+    std::fs::write(&file, "101,5,copied 1\n102,6,copied 2\n").unwrap();
     let o = s.psql(
         &[
             "-c",
@@ -276,7 +277,7 @@ async fn psql_reads_pass_writes_and_ddl_are_denied_results_are_masked() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
-        s.direct("SELECT count(*) FROM orders WHERE note = 'copied'"),
+        s.direct("SELECT count(*) FROM orders WHERE note LIKE 'copied%'"),
         "2"
     );
     let o = s.psql(
@@ -286,11 +287,28 @@ async fn psql_reads_pass_writes_and_ddl_are_denied_results_are_masked() {
         ],
         None,
     );
-    assert_eq!(stdout(&o), "101\tcopied\n102\tcopied\n", "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "101\tcopied 1\n102\tcopied 2\n",
+        "{}",
+        stderr(&o)
+    );
     // COPY out of a column-masked table is refused rather than leaked.
     let o = s.psql(&["-c", "\\copy customers TO STDOUT"], None);
     seen += &stdout(&o);
     assert!(stderr(&o).contains("column-masked"), "{}", stderr(&o));
+
+    // The server's own errors are masked too: a unique violation quotes the value.
+    let o = s.psql(
+        &["-v", "ON_ERROR_STOP=0"],
+        Some("INSERT INTO orders VALUES (401, 1, 'ops@example.org');\nINSERT INTO orders VALUES (402, 1, 'ops@example.org');\n"),
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("duplicate key") && err.contains("[masked:email]"),
+        "{err}"
+    );
+    assert!(!err.contains("ops@example.org"), "{err}");
 
     // Dangerous functions are never allowed by an allow rule.
     let o = s.psql(&["-c", "SELECT pg_read_file('/etc/passwd')"], None);
@@ -307,7 +325,7 @@ async fn psql_reads_pass_writes_and_ddl_are_denied_results_are_masked() {
         "{}",
         stderr(&o)
     );
-    assert_eq!(s.direct("SELECT count(*) FROM orders WHERE id > 200"), "5");
+    assert_eq!(s.direct("SELECT count(*) FROM orders WHERE id BETWEEN 201 AND 299"), "5");
 
     // A bad token is refused at startup.
     let o = s.psql_with("not-a-jwt", &["-c", "SELECT 1"], None);

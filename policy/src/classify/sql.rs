@@ -103,15 +103,22 @@ fn nesting(text: &str) -> usize {
 
 fn classify_parsed(text: &str) -> Option<SqlRequest> {
     let whole = pg_query::parse(text, ParserOptions::DEFAULT).ok()?;
-    let mut statements = Vec::with_capacity(whole.protobuf.stmts.len());
-    for raw in &whole.protobuf.stmts {
-        let start = usize::try_from(raw.stmt_location).ok()?;
-        let slice = match usize::try_from(raw.stmt_len).ok()? {
-            0 => text.get(start..)?,
-            len => text.get(start..start.checked_add(len)?)?,
-        };
-        statements.push(classify_one(slice)?);
-    }
+    let statements = if whole.protobuf.stmts.len() == 1 {
+        // The common case: the whole text is the statement, already parsed.
+        vec![classify_one(&whole)?]
+    } else {
+        let mut statements = Vec::with_capacity(whole.protobuf.stmts.len());
+        for raw in &whole.protobuf.stmts {
+            let start = usize::try_from(raw.stmt_location).ok()?;
+            let slice = match usize::try_from(raw.stmt_len).ok()? {
+                0 => text.get(start..)?,
+                len => text.get(start..start.checked_add(len)?)?,
+            };
+            let parsed = pg_query::parse(slice, ParserOptions::DEFAULT).ok()?;
+            statements.push(classify_one(&parsed)?);
+        }
+        statements
+    };
     // Schemas and full relation names count: a grant for `orders_2024_01` is not one
     // for `orders_2024_02`.
     let options = FingerprintOptions::RANGEVAR_PG17_COMPAT | FingerprintOptions::FULL_RELNAME;
@@ -126,8 +133,7 @@ fn classify_parsed(text: &str) -> Option<SqlRequest> {
 }
 
 /// One statement, parsed on its own so its tables and functions are its own.
-fn classify_one(text: &str) -> Option<SqlStatement> {
-    let parsed = pg_query::parse(text, ParserOptions::DEFAULT).ok()?;
+fn classify_one(parsed: &pg_query::ParseResult) -> Option<SqlStatement> {
     let node = parsed
         .protobuf
         .stmts

@@ -155,6 +155,8 @@ struct Session {
     server_buf: BytesMut,
     cancel_key: (i32, Bytes),
     modified: Arc<AtomicU64>,
+    /// The Connection's masking, for the server's errors and notices.
+    masking: Arc<MaskingProfile>,
 }
 
 impl std::fmt::Debug for Session {
@@ -292,6 +294,7 @@ impl Session {
             server_buf: established.buf,
             cancel_key,
             modified: Arc::new(AtomicU64::new(0)),
+            masking: conn.masking.clone(),
         })
     }
 
@@ -313,6 +316,7 @@ impl Session {
             modified: self.modified.clone(),
             seeking_sync: false,
             discarding: false,
+            masking: self.masking.clone(),
         };
         let server_task = tokio::spawn(server_half.run(server_read, self.server_buf));
         let mut agent_half = AgentHalf {
@@ -811,6 +815,9 @@ struct ServerHalf {
     seeking_sync: bool,
     /// After an error inside a batch: server messages are dropped until `ReadyForQuery`.
     discarding: bool,
+    /// The Connection's masking, for the server's errors and notices (a constraint
+    /// violation's DETAIL quotes the offending values).
+    masking: Arc<MaskingProfile>,
 }
 
 impl ServerHalf {
@@ -929,6 +936,16 @@ impl ServerHalf {
     }
 
     async fn message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), ProtocolError> {
+        let frame = if matches!(frame.tag, b'E' | b'N') {
+            // Fields are NUL-terminated text; replacements never hold a NUL.
+            let mut report = MaskReport::default();
+            match self.masking.mask_bytes(&frame.body, &mut report) {
+                std::borrow::Cow::Borrowed(_) => frame,
+                std::borrow::Cow::Owned(masked) => Frame::new(frame.tag, masked),
+            }
+        } else {
+            frame
+        };
         // Asynchronous messages belong to no request.
         if matches!(frame.tag, b'N' | b'S' | b'A') {
             frame.encode(out);
