@@ -57,6 +57,15 @@ fn as_server_user(program: &Path) -> Command {
 impl Postgres {
     /// Initializes and starts a server; `setup_sql` then runs as the superuser.
     pub fn start(setup_sql: &str) -> Result<Self, String> {
+        Self::start_with(setup_sql, None)
+    }
+
+    /// The same, serving TLS with this certificate and key (PEM) as well as plain text.
+    pub fn start_with_tls(setup_sql: &str, cert_pem: &str, key_pem: &str) -> Result<Self, String> {
+        Self::start_with(setup_sql, Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(setup_sql: &str, tls: Option<(&str, &str)>) -> Result<Self, String> {
         let bin = bin_dir()?;
         let dir = tempfile::Builder::new()
             .prefix("agentgate-pg")
@@ -65,6 +74,27 @@ impl Postgres {
         let data = dir.path().join("data");
         let pwfile = dir.path().join("pwfile");
         std::fs::write(&pwfile, SUPERUSER.1).map_err(|e| e.to_string())?;
+        let mut tls_args = Vec::new();
+        if let Some((cert, key)) = tls {
+            let (cert_file, key_file) =
+                (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::write(&cert_file, cert).map_err(|e| e.to_string())?;
+            std::fs::write(&key_file, key).map_err(|e| e.to_string())?;
+            // The server refuses a key others can read.
+            std::fs::set_permissions(
+                &key_file,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .map_err(|e| e.to_string())?;
+            tls_args = vec![
+                "-c".to_owned(),
+                "ssl=on".to_owned(),
+                "-c".to_owned(),
+                format!("ssl_cert_file={}", cert_file.display()),
+                "-c".to_owned(),
+                format!("ssl_key_file={}", key_file.display()),
+            ];
+        }
         if is_root() {
             let status = Command::new("chown")
                 .args(["-R", "nobody:nogroup"])
@@ -109,6 +139,7 @@ impl Postgres {
             ])
             .arg(format!("unix_socket_directories={}", dir.path().display()))
             .args(["-c", "fsync=off", "-c", "max_connections=200"])
+            .args(&tls_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

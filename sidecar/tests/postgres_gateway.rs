@@ -325,7 +325,10 @@ async fn psql_reads_pass_writes_and_ddl_are_denied_results_are_masked() {
         "{}",
         stderr(&o)
     );
-    assert_eq!(s.direct("SELECT count(*) FROM orders WHERE id BETWEEN 201 AND 299"), "5");
+    assert_eq!(
+        s.direct("SELECT count(*) FROM orders WHERE id BETWEEN 201 AND 299"),
+        "5"
+    );
 
     // A bad token is refused at startup.
     let o = s.psql_with("not-a-jwt", &["-c", "SELECT 1"], None);
@@ -551,4 +554,142 @@ async fn a_driver_with_the_extended_protocol_pipelines_prepares_and_cancels() {
 
     assert_nothing_leaked(&s, "");
     verify_chain(&s.sidecar.audit()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_leg_uses_tls_as_the_connection_says() {
+    // The database's certificate comes from its own CA, which only the Connection names.
+    let (pki, db_pki) = (Pki::new(), Pki::new());
+    let (cert, key) = (db_pki.cert_pem.clone(), db_pki.key_pem.clone());
+    let db =
+        tokio::task::spawn_blocking(move || Postgres::start_with_tls(SETUP, &cert, &key).unwrap())
+            .await
+            .unwrap();
+    let issuer = OidcIssuer::start(&pki).await;
+    let (verified, wrong_ca) = (free_port(), free_port());
+    let mut bundle = bundle(db.port, verified, &issuer.url);
+    let tls =
+        |ca: &str| json!({ "mode": "verify-full", "caSecretRef": { "name": ca, "key": "ca.crt" } });
+    bundle["connections"][0]["spec"]["upstream"]["tls"] = tls("db-ca");
+    let mut other = bundle["connections"][0].clone();
+    other["name"] = json!("wrong-ca");
+    other["spec"]["upstream"]["tls"] = tls("other-ca");
+    other["spec"]["listen"]["port"] = json!(wrong_ca);
+    bundle["connections"].as_array_mut().unwrap().push(other);
+    bundle["policies"][0]["spec"]["connections"] = json!(["orders-db", "wrong-ca"]);
+    let sidecar = Sidecar::start(&bundle, "app=\"agent\"\n", |dir| {
+        pki.write_ca(&dir.join("extra-ca.pem"));
+        db_pki.write_ca(&dir.join("credentials/db-ca/ca.crt"));
+        Pki::new().write_ca(&dir.join("credentials/other-ca/ca.crt"));
+        let creds = dir.join("credentials/orders-db-creds");
+        std::fs::create_dir_all(&creds).unwrap();
+        std::fs::write(creds.join("username"), "app").unwrap();
+        std::fs::write(creds.join("password"), APP_PASSWORD).unwrap();
+    })
+    .await;
+    let s = Setup {
+        db,
+        sidecar,
+        issuer,
+        port: verified,
+    };
+    let o = s.psql(
+        &[
+            "-c",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ],
+        None,
+    );
+    assert_eq!(stdout(&o).trim(), "t", "{}", stderr(&o));
+
+    // A server whose certificate the Connection's CA did not sign is never logged in to.
+    let o = Setup {
+        port: wrong_ca,
+        ..s
+    }
+    .psql(&["-c", "SELECT 1"], None);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("cannot reach the database") && err.contains("certificate"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_get_an_error_and_a_closed_connection_never_a_hang() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup().await;
+    let token = s.token();
+    let startup = {
+        let mut body = Vec::new();
+        for (k, v) in [("user", "agent"), ("database", "orders")] {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut packet = ((body.len() + 8) as i32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&196_608i32.to_be_bytes());
+        packet.extend_from_slice(&body);
+        packet
+    };
+    let password = {
+        let mut m = vec![b'p'];
+        m.extend_from_slice(&((token.len() + 5) as i32).to_be_bytes());
+        m.extend_from_slice(token.as_bytes());
+        m.push(0);
+        m
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "huge startup length",
+            vec![0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0],
+        ),
+        ("unknown protocol", vec![0, 0, 0, 8, 0, 9, 0, 0]),
+        (
+            "huge message after login",
+            [
+                startup.clone(),
+                password.clone(),
+                vec![b'Q', 0x7f, 0xff, 0xff, 0xff],
+            ]
+            .concat(),
+        ),
+        (
+            "negative length after login",
+            [
+                startup.clone(),
+                password.clone(),
+                vec![b'Q', 0xff, 0xff, 0xff, 0xf0],
+            ]
+            .concat(),
+        ),
+        (
+            "query without its NUL",
+            [
+                startup.clone(),
+                password.clone(),
+                vec![b'Q', 0, 0, 0, 8, b'S', b'E', b'L', b'E'],
+            ]
+            .concat(),
+        ),
+    ];
+    for (what, bytes) in cases {
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
+            .await
+            .unwrap();
+        conn.write_all(&bytes).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the sidecar hung"))
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.contains("08P01"), "{what}: {text}");
+    }
+    // The sidecar is unharmed.
+    let o = s.psql(&["-c", "SELECT 1"], None);
+    assert_eq!(stdout(&o).trim(), "1", "{}", stderr(&o));
 }

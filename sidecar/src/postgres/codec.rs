@@ -34,6 +34,9 @@ pub enum ProtocolError {
     /// A string field that is not UTF-8.
     #[error("{0} message holds text that is not UTF-8")]
     NotUtf8(&'static str),
+    /// A message that has no place here (or is unknown).
+    #[error("unexpected message type {0:?}")]
+    Unexpected(char),
     /// A startup packet with a protocol this gateway does not speak.
     #[error("unsupported protocol version {}.{}", .0 >> 16, .0 & 0xffff)]
     UnsupportedVersion(i32),

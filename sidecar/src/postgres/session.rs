@@ -438,21 +438,23 @@ impl AgentHalf {
     ) -> Result<(), SessionEnd> {
         loop {
             loop {
-                let frame = match decode_frame(&mut buf, MAX_FRONTEND_MESSAGE) {
-                    Ok(Some(f)) => f,
+                let message = match decode_frame(&mut buf, MAX_FRONTEND_MESSAGE) {
+                    Ok(Some(frame)) => self.message(frame).await,
                     Ok(None) => break,
-                    Err(e) => {
-                        self.flush().await?;
-                        let _ = self
-                            .queue(Pending::Refused {
-                                error: error_response(PROTOCOL_VIOLATION, &e.to_string(), None),
-                                ready: false,
-                            })
-                            .await;
-                        return Err(e.into());
-                    }
+                    Err(e) => Err(e.into()),
                 };
-                self.message(frame).await?;
+                if let Err(SessionEnd::Protocol(e)) = &message {
+                    // What cannot be read ends the session, after an error that says why.
+                    self.flush().await?;
+                    let error = error_response(PROTOCOL_VIOLATION, &e.to_string(), None);
+                    let _ = self
+                        .queue(Pending::Refused {
+                            error,
+                            ready: false,
+                        })
+                        .await;
+                }
+                message?;
             }
             self.flush().await?;
             if agent.read_buf(&mut buf).await? == 0 {
@@ -623,17 +625,7 @@ impl AgentHalf {
                 self.queue(Pending::Refused { error, ready: true }).await?;
             }
             Frontend::Password(_) | Frontend::Unknown(_) => {
-                let error = error_response(
-                    PROTOCOL_VIOLATION,
-                    &format!("unexpected message type {:?}", frame.tag as char),
-                    None,
-                );
-                self.queue(Pending::Refused {
-                    error,
-                    ready: false,
-                })
-                .await?;
-                return Err(ProtocolError::Truncated("unexpected").into());
+                return Err(ProtocolError::Unexpected(frame.tag as char).into());
             }
         }
         Ok(())
@@ -823,7 +815,6 @@ struct ServerHalf {
 impl ServerHalf {
     async fn run<R: AsyncRead + Unpin>(mut self, mut server: R, mut buf: BytesMut) {
         let mut out = BytesMut::new();
-        let mut open = true;
         loop {
             // Refusals at the head of the queue go out now: nothing is owed before them.
             self.send_refusals(&mut out);
@@ -835,9 +826,16 @@ impl ServerHalf {
             }
             tokio::select! {
                 biased;
-                p = self.rx.recv(), if open => match p {
+                p = self.rx.recv() => match p {
                     Some(p) => self.push(p),
-                    None => open = false,
+                    None => {
+                        // The agent half ended (goodbye, a closed socket or a protocol
+                        // error): send it the refusals it is owed, then close both sides.
+                        self.send_refusals(&mut out);
+                        let _ = self.agent.write_all(&out).await;
+                        let _ = self.agent.shutdown().await;
+                        return;
+                    }
                 },
                 n = server.read_buf(&mut buf) => {
                     match n {

@@ -35,6 +35,8 @@ pub struct Pki {
     pub ca_pem: String,
     pub cert_der: Vec<u8>,
     pub key_der: Vec<u8>,
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
 impl Pki {
@@ -54,6 +56,8 @@ impl Pki {
             ca_pem: ca_cert.pem(),
             cert_der: cert.der().to_vec(),
             key_der: key.serialize_der(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
         }
     }
 
