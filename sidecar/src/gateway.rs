@@ -8,7 +8,7 @@ use std::time::Instant;
 use agentgate_crds::Protocol;
 use agentgate_policy::classify::{classify_http, classify_kubernetes};
 use agentgate_policy::masking::{MaskReport, MaskStream, MaskingProfile};
-use agentgate_policy::{Decision, EffectiveLimits, RequestAttrs, Target, evaluate};
+use agentgate_policy::{Decision, EffectiveLimits, Evaluation, RequestAttrs, Target, evaluate};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -182,39 +182,8 @@ pub async fn handle(
     record.event.rule = evaluation.decision.rule().map(str::to_owned);
 
     // 4. approve
-    match &evaluation.decision {
-        Decision::Allow { .. } => {}
-        Decision::Deny { rule, reason } => {
-            let refusal = Refusal::Denied {
-                rule: rule.clone(),
-                policy: evaluation.policy.clone(),
-                reason: reason.clone(),
-            };
-            return gw.refuse(record, protocol, refusal);
-        }
-        Decision::RequireApproval { rule, approval } => {
-            let held = HeldRequest {
-                attrs: &attrs,
-                rule: rule.as_deref(),
-                policy: evaluation.policy.as_deref(),
-                approval,
-            };
-            match gw.approvals.decide(held).await {
-                ApprovalOutcome::Approved { approval } => {
-                    record.event.reason = Some(format!("approved in {approval}"))
-                }
-                ApprovalOutcome::Refused { reason } => {
-                    return gw.refuse(
-                        record,
-                        protocol,
-                        Refusal::NotApproved {
-                            rule: rule.clone(),
-                            reason,
-                        },
-                    );
-                }
-            }
-        }
+    if let Err(refusal) = gw.approve(&evaluation, &attrs, &mut record).await {
+        return gw.refuse(record, protocol, refusal);
     }
     if let Err(refusal) = gw.record_allowed(&mut record) {
         return gw.refuse(record, protocol, refusal);
@@ -294,6 +263,42 @@ impl Gateway {
         self.count(record, refusal.decision());
         tracing::info!(request_id = %record.event.request_id, connection = %record.event.connection,
             decision = refusal.decision(), rule = refusal.rule(), reason = %refusal.reason(), "request refused");
+    }
+
+    /// The approval step for any protocol: a denial is the refusal returned; a hold
+    /// goes to the approval hook and comes back approved or refused.
+    pub(crate) async fn approve(
+        &self,
+        evaluation: &Evaluation,
+        attrs: &RequestAttrs,
+        record: &mut Record,
+    ) -> Result<(), Refusal> {
+        match &evaluation.decision {
+            Decision::Allow { .. } => Ok(()),
+            Decision::Deny { rule, reason } => Err(Refusal::Denied {
+                rule: rule.clone(),
+                policy: evaluation.policy.clone(),
+                reason: reason.clone(),
+            }),
+            Decision::RequireApproval { rule, approval } => {
+                let held = HeldRequest {
+                    attrs,
+                    rule: rule.as_deref(),
+                    policy: evaluation.policy.as_deref(),
+                    approval,
+                };
+                match self.approvals.decide(held).await {
+                    ApprovalOutcome::Approved { approval } => {
+                        record.event.reason = Some(format!("approved in {approval}"));
+                        Ok(())
+                    }
+                    ApprovalOutcome::Refused { reason } => Err(Refusal::NotApproved {
+                        rule: rule.clone(),
+                        reason,
+                    }),
+                }
+            }
+        }
     }
 
     /// Records an allowed request's decision before anything is forwarded: a decision

@@ -33,6 +33,35 @@ pub enum TlsError {
     ServerName(String),
 }
 
+/// A Connection's `upstream.tls` (`verify-full` with the system roots when unset) and
+/// the roots to verify with: the system's, the sidecar's extra CA, and the Connection's
+/// `caSecretRef` as mounted under `credentials_dir`.
+pub fn upstream_tls(
+    spec: &agentgate_crds::ConnectionSpec,
+    credentials_dir: &Path,
+    extra_ca: Option<&Path>,
+) -> Result<(agentgate_crds::UpstreamTls, RootCertStore), TlsError> {
+    let settings = spec
+        .upstream
+        .tls
+        .clone()
+        .unwrap_or(agentgate_crds::UpstreamTls {
+            mode: TlsMode::VerifyFull,
+            ca_secret_ref: None,
+            server_name: None,
+        });
+    let mut cas: Vec<std::path::PathBuf> = extra_ca.map(Path::to_owned).into_iter().collect();
+    if let Some(ca) = &settings.ca_secret_ref {
+        cas.push(credentials_dir.join(&ca.name).join(&ca.key));
+    }
+    let roots = root_store(
+        &cas.iter()
+            .map(std::path::PathBuf::as_path)
+            .collect::<Vec<_>>(),
+    )?;
+    Ok((settings, roots))
+}
+
 /// The system roots plus the PEM certificates in `extra` (each file may hold several).
 pub fn root_store(extra: &[&Path]) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();

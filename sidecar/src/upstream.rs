@@ -8,7 +8,7 @@ use agentgate_crds::{ConnectionSpec, Protocol, TlsMode};
 use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 
-use crate::tls::{HttpClient, http_client, root_store};
+use crate::tls::{HttpClient, http_client, upstream_tls};
 
 /// Where the sidecar forwards a Connection's requests.
 #[derive(Debug)]
@@ -72,29 +72,15 @@ impl Upstream {
         let uri: http::Uri = spec.upstream.address.parse().map_err(|_| bad_address())?;
         let scheme = uri.scheme().cloned().ok_or_else(bad_address)?;
         let authority = uri.authority().cloned().ok_or_else(bad_address)?;
-        let tls = spec
-            .upstream
-            .tls
-            .clone()
-            .unwrap_or(agentgate_crds::UpstreamTls {
-                mode: TlsMode::VerifyFull,
-                ca_secret_ref: None,
-                server_name: None,
-            });
-        if scheme == Scheme::HTTP && tls.mode != TlsMode::Disable {
-            // An http:// address only with an explicit `tls.mode: disable`.
-            return Err(bad_address());
-        }
-        let mut cas: Vec<PathBuf> = extra_ca.map(Path::to_owned).into_iter().collect();
-        if let Some(ca) = &tls.ca_secret_ref {
-            cas.push(credentials_dir.join(&ca.name).join(&ca.key));
-        }
         let tls_err = |error| UpstreamError::Tls {
             name: name.to_owned(),
             error,
         };
-        let roots =
-            root_store(&cas.iter().map(PathBuf::as_path).collect::<Vec<_>>()).map_err(tls_err)?;
+        let (tls, roots) = upstream_tls(spec, credentials_dir, extra_ca).map_err(tls_err)?;
+        if scheme == Scheme::HTTP && tls.mode != TlsMode::Disable {
+            // An http:// address only with an explicit `tls.mode: disable`.
+            return Err(bad_address());
+        }
         let client = http_client(roots, tls.mode, tls.server_name.as_deref()).map_err(tls_err)?;
         let c = &spec.credentials;
         let credential = if let Some(secret) = &c.secret_ref {

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use agentgate_crds::SqlStatementKind;
 use agentgate_policy::classify::classify_sql;
 use agentgate_policy::masking::{MaskReport, MaskingProfile};
-use agentgate_policy::{Decision, RequestAttrs, SqlRequest, Target, evaluate};
+use agentgate_policy::{RequestAttrs, SqlRequest, Target, evaluate};
 use bytes::{Bytes, BytesMut};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -31,7 +31,6 @@ use super::codec::{
 use super::rows::{Column, mask_row};
 use super::upstream::{MAX_BACKEND_MESSAGE, PgUpstream, passed_parameters};
 use super::{CancelTarget, Shared};
-use crate::approval::{ApprovalOutcome, HeldRequest};
 use crate::body::Completion;
 use crate::gateway::{Gateway, Record};
 use crate::refusal::Refusal;
@@ -401,6 +400,21 @@ struct Execution {
     silenced: bool,
 }
 
+impl Execution {
+    /// Ends the current result: its record (rows returned and `affected`) and masking
+    /// report, and a clean slate for the next result of the same execution.
+    fn end_result(&mut self, affected: Option<u64>) -> (Record, MaskReport) {
+        let mut record = self.record.clone();
+        record.event.rows_returned = Some(self.rows);
+        record.event.rows_affected = affected;
+        self.rows = 0;
+        self.columns.clear();
+        self.described = false;
+        self.copy_in = false;
+        (record, std::mem::take(&mut self.report))
+    }
+}
+
 struct AgentHalf {
     gw: Arc<Gateway>,
     connection: Arc<str>,
@@ -702,36 +716,8 @@ impl AgentHalf {
             };
             error_response(code, &message, Some(refusal.next_step()))
         };
-        match &evaluation.decision {
-            Decision::Allow { .. } => {}
-            Decision::Deny { rule, reason } => {
-                let refusal = Refusal::Denied {
-                    rule: rule.clone(),
-                    policy: evaluation.policy.clone(),
-                    reason: reason.clone(),
-                };
-                return Err(refuse(&mut record, refusal));
-            }
-            Decision::RequireApproval { rule, approval } => {
-                let held = HeldRequest {
-                    attrs: &attrs,
-                    rule: rule.as_deref(),
-                    policy: evaluation.policy.as_deref(),
-                    approval,
-                };
-                match self.gw.approvals.decide(held).await {
-                    ApprovalOutcome::Approved { approval } => {
-                        record.event.reason = Some(format!("approved in {approval}"))
-                    }
-                    ApprovalOutcome::Refused { reason } => {
-                        let refusal = Refusal::NotApproved {
-                            rule: rule.clone(),
-                            reason,
-                        };
-                        return Err(refuse(&mut record, refusal));
-                    }
-                }
-            }
+        if let Err(refusal) = self.gw.approve(&evaluation, &attrs, &mut record).await {
+            return Err(refuse(&mut record, refusal));
         }
         if let Some(limit) = evaluation.limits.max_rows_modified_per_session
             && sql.statements.iter().any(|s| writes_rows(s.kind))
@@ -914,13 +900,18 @@ impl ServerHalf {
     }
 
     fn complete(&self, mut e: Execution, error: Option<String>) {
-        e.record.event.rows_returned = Some(e.rows);
+        let done = e.end_result(None);
+        self.record_result(done, error);
+    }
+
+    /// The audit record of one statement's result.
+    fn record_result(&self, (record, report): (Record, MaskReport), error: Option<String>) {
         self.gw.complete(
-            e.record,
+            record,
             None,
             Completion {
                 bytes: 0,
-                report: e.report,
+                report,
                 error,
             },
         );
@@ -1112,19 +1103,8 @@ impl ServerHalf {
                 if is_query {
                     // The server skips the rest of the string; ReadyForQuery follows.
                     if let Some(e) = self.head() {
-                        let mut record = e.record.clone();
-                        record.event.rows_returned = Some(e.rows);
-                        let report = std::mem::take(&mut e.report);
-                        e.rows = 0;
-                        self.gw.complete(
-                            record,
-                            None,
-                            Completion {
-                                bytes: 0,
-                                report,
-                                error: Some(message),
-                            },
-                        );
+                        let done = e.end_result(None);
+                        self.record_result(done, Some(message));
                     }
                 } else if let Some(Pending::Execute(e)) = self.pending.pop_front() {
                     self.complete(*e, Some(message));
@@ -1175,15 +1155,8 @@ impl ServerHalf {
             }
             None => frame.encode(out),
         }
-        let mut record = e.record.clone();
-        record.event.rows_affected = affected;
-        record.event.rows_returned = Some(rows);
-        let report = std::mem::take(&mut e.report);
         let portal = e.portal.clone();
-        e.rows = 0;
-        e.columns.clear();
-        e.described = false;
-        e.copy_in = false;
+        let done = e.end_result(affected);
         if error.is_some() {
             self.gw
                 .metrics
@@ -1192,15 +1165,7 @@ impl ServerHalf {
                 .inc();
         }
         let replaced = error.is_some();
-        self.gw.complete(
-            record,
-            None,
-            Completion {
-                bytes: 0,
-                report,
-                error,
-            },
-        );
+        self.record_result(done, error);
         if let Some(portal) = portal
             && let Some((_, _, n)) = self.portals.get_mut(&portal)
         {

@@ -18,7 +18,7 @@ use super::codec::{
     CANCEL_REQUEST, Frame, ProtocolError, Reader, SSL_REQUEST, decode_frame, parse_data_row,
     parse_notice_fields, startup_message, startup_packet,
 };
-use crate::tls::{TlsError, client_config, root_store};
+use crate::tls::{TlsError, client_config, upstream_tls};
 
 /// The largest message accepted from the server (PostgreSQL's own limit is 1 GiB).
 pub const MAX_BACKEND_MESSAGE: usize = 1 << 30;
@@ -108,24 +108,11 @@ impl PgUpstream {
             .database
             .clone()
             .ok_or("a postgres Connection needs upstream.database")?;
-        let settings = spec
-            .upstream
-            .tls
-            .clone()
-            .unwrap_or(agentgate_crds::UpstreamTls {
-                mode: TlsMode::VerifyFull,
-                ca_secret_ref: None,
-                server_name: None,
-            });
+        let (settings, roots) =
+            upstream_tls(spec, credentials_dir, extra_ca).map_err(|e| e.to_string())?;
         let tls = match settings.mode {
             TlsMode::Disable => None,
             mode => {
-                let mut cas: Vec<PathBuf> = extra_ca.map(Path::to_owned).into_iter().collect();
-                if let Some(ca) = &settings.ca_secret_ref {
-                    cas.push(credentials_dir.join(&ca.name).join(&ca.key));
-                }
-                let roots = root_store(&cas.iter().map(PathBuf::as_path).collect::<Vec<_>>())
-                    .map_err(|e| e.to_string())?;
                 let name = settings
                     .server_name
                     .clone()
