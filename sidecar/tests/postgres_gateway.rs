@@ -375,47 +375,28 @@ async fn psql_reads_pass_writes_and_ddl_are_denied_results_are_masked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_runs_through_the_sidecar_in_every_protocol_mode() {
     let s = setup().await;
-    let bin = s.db.bin().to_owned();
-    let init = Command::new(bin.join("pgbench"))
-        .args([
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &s.db.port.to_string(),
-            "-U",
-            "app",
-            "postgres",
-        ])
-        .env("PGPASSWORD", APP_PASSWORD)
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{}", stderr(&init));
-    for mode in ["simple", "extended", "prepared"] {
-        let o = Command::new(bin.join("pgbench"))
-            .args([
-                "-n",
-                "-S",
-                "-t",
-                "200",
-                "-c",
-                "2",
-                "-M",
-                mode,
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &s.port.to_string(),
-                "-U",
-                "agent",
-                "orders",
-            ])
-            .env("PGPASSWORD", s.token())
+    let pgbench = |port: u16, login: (&str, &str), args: &[&str]| {
+        Command::new(s.db.bin().join("pgbench"))
+            .args(args)
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", login.0])
+            .arg(if login.0 == "app" {
+                "postgres"
+            } else {
+                "orders"
+            })
+            .env("PGPASSWORD", login.1)
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    let init = pgbench(s.db.port, ("app", APP_PASSWORD), &["-i", "-s", "1", "-q"]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    let token = s.token();
+    for mode in ["simple", "extended", "prepared"] {
+        let o = pgbench(
+            s.port,
+            ("agent", &token),
+            &["-n", "-S", "-t", "200", "-c", "2", "-M", mode],
+        );
         let out = stdout(&o);
         assert!(
             o.status.success(),
@@ -432,24 +413,11 @@ async fn pgbench_runs_through_the_sidecar_in_every_protocol_mode() {
         );
     }
     // The TPC-B script writes: refused by policy, and pgbench reports the refusal.
-    let o = Command::new(bin.join("pgbench"))
-        .args([
-            "-n",
-            "-t",
-            "1",
-            "-M",
-            "prepared",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &s.port.to_string(),
-            "-U",
-            "agent",
-            "orders",
-        ])
-        .env("PGPASSWORD", s.token())
-        .output()
-        .unwrap();
+    let o = pgbench(
+        s.port,
+        ("agent", &token),
+        &["-n", "-t", "1", "-M", "prepared"],
+    );
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no-writes"), "{}", stderr(&o));
 }
