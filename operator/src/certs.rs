@@ -9,7 +9,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
+};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{ObjectMeta, PostParams};
@@ -209,10 +211,58 @@ pub async fn ensure(
     }
 }
 
-/// Sets `caBundle` on every webhook of the MutatingWebhookConfiguration `name`. A missing
-/// configuration is not an error (it may be installed later; the next check publishes).
-pub async fn publish_ca(client: &Client, name: &str, ca_pem: &str) -> Result<bool, CertError> {
-    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+/// Sets `caBundle` on every webhook of the MutatingWebhookConfiguration `mutating` and
+/// the ValidatingWebhookConfiguration `validating`. Returns whether both exist; a
+/// missing one is not an error (it may be installed later; the next check publishes).
+pub async fn publish_ca(
+    client: &Client,
+    mutating: &str,
+    validating: &str,
+    ca_pem: &str,
+) -> Result<bool, CertError> {
+    let bundle = ByteString(ca_pem.as_bytes().to_vec());
+    let m = publish_to(
+        Api::<MutatingWebhookConfiguration>::all(client.clone()),
+        mutating,
+        &bundle,
+        |c| {
+            c.webhooks
+                .iter_mut()
+                .flatten()
+                .map(|w| &mut w.client_config)
+                .collect()
+        },
+    )
+    .await?;
+    let v = publish_to(
+        Api::<ValidatingWebhookConfiguration>::all(client.clone()),
+        validating,
+        &bundle,
+        |c| {
+            c.webhooks
+                .iter_mut()
+                .flatten()
+                .map(|w| &mut w.client_config)
+                .collect()
+        },
+    )
+    .await?;
+    Ok(m && v)
+}
+
+async fn publish_to<K>(
+    api: Api<K>,
+    name: &str,
+    bundle: &ByteString,
+    configs: impl Fn(&mut K) -> Vec<&mut WebhookClientConfig>,
+) -> Result<bool, CertError>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
     let Some(mut config) = api
         .get_opt(name)
         .await
@@ -220,11 +270,10 @@ pub async fn publish_ca(client: &Client, name: &str, ca_pem: &str) -> Result<boo
     else {
         return Ok(false);
     };
-    let bundle = ByteString(ca_pem.as_bytes().to_vec());
     let mut changed = false;
-    for webhook in config.webhooks.iter_mut().flatten() {
-        if webhook.client_config.ca_bundle.as_ref() != Some(&bundle) {
-            webhook.client_config.ca_bundle = Some(bundle.clone());
+    for client_config in configs(&mut config) {
+        if client_config.ca_bundle.as_ref() != Some(bundle) {
+            client_config.ca_bundle = Some(bundle.clone());
             changed = true;
         }
     }
@@ -232,7 +281,7 @@ pub async fn publish_ca(client: &Client, name: &str, ca_pem: &str) -> Result<boo
         api.replace(name, &PostParams::default(), &config)
             .await
             .map_err(|e| CertError::Api("publish the caBundle", e))?;
-        tracing::info!(webhook = name, "caBundle published");
+        tracing::info!(webhook = name, kind = %K::kind(&()), "caBundle published");
     }
     Ok(true)
 }

@@ -53,6 +53,15 @@ pub struct Settings {
     #[arg(long, env = "AGENTGATE_MUTATING_WEBHOOK", default_value = "agentgate")]
     pub mutating_webhook: String,
 
+    /// The ValidatingWebhookConfiguration (Approval decisions) whose caBundle the
+    /// operator keeps current.
+    #[arg(
+        long,
+        env = "AGENTGATE_VALIDATING_WEBHOOK",
+        default_value = "agentgate"
+    )]
+    pub validating_webhook: String,
+
     /// The sidecar image injected into agent pods.
     #[arg(
         long,

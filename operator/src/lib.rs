@@ -6,6 +6,7 @@
 //! referenced Secrets exist with the right keys and hands the sidecar only their names.
 
 pub mod admin;
+pub mod approvals;
 pub mod certs;
 pub mod config;
 pub mod inject;
@@ -76,8 +77,17 @@ pub async fn run(
         self_managed,
     )
     .await?;
-    if self_managed && !certs::publish_ca(&client, &settings.mutating_webhook, &tls.ca_pem).await? {
-        tracing::warn!(webhook = %settings.mutating_webhook, "the MutatingWebhookConfiguration does not exist yet; its caBundle is published when it does");
+    if self_managed
+        && !certs::publish_ca(
+            &client,
+            &settings.mutating_webhook,
+            &settings.validating_webhook,
+            &tls.ca_pem,
+        )
+        .await?
+    {
+        tracing::warn!(mutating = %settings.mutating_webhook, validating = %settings.validating_webhook,
+            "a webhook configuration does not exist yet; its caBundle is published when it does");
     }
     let resolver = Arc::new(certs::RotatingCert::new(&tls)?);
     let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -184,8 +194,13 @@ async fn keep_certs_current(
                 // Published on every check, not only on change: the configuration may
                 // have been (re)installed since.
                 if self_managed
-                    && let Err(e) =
-                        certs::publish_ca(&client, &settings.mutating_webhook, &tls.ca_pem).await
+                    && let Err(e) = certs::publish_ca(
+                        &client,
+                        &settings.mutating_webhook,
+                        &settings.validating_webhook,
+                        &tls.ca_pem,
+                    )
+                    .await
                 {
                     tracing::error!(error = %e, "cannot publish the caBundle");
                 }

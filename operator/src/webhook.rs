@@ -1,21 +1,25 @@
 //! The admission webhook server: `POST /mutate/pods` injects the sidecar (the pure
-//! [`inject`](crate::inject::inject) does the work). Every replica serves it.
+//! [`inject`](crate::inject::inject) does the work); `POST /mutate/approvals` stamps who
+//! decided an `Approval` and `POST /validate/approvals` enforces separation of duties
+//! (the pure [`approvals`](crate::approvals)). Every replica serves them.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use agentgate_crds::{BUNDLE_KEY, Bundle};
+use agentgate_crds::{Approval, BUNDLE_KEY, Bundle};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::jiff::Timestamp;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::net::TcpListener;
 
+use crate::approvals;
 use crate::inject::{BUNDLE_CONFIGMAP, InjectConfig, Injection, inject};
 use crate::metrics::Metrics;
 
@@ -67,58 +71,122 @@ pub async fn serve(
 }
 
 async fn route(state: &WebhookState, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() != http::Method::POST || req.uri().path() != "/mutate/pods" {
-        return respond(
-            StatusCode::NOT_FOUND,
-            "not found: the webhook serves POST /mutate/pods".into(),
-        );
-    }
     let started = Instant::now();
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let (kind, response, outcome) = match (&method, path.as_str()) {
+        (&http::Method::POST, "/mutate/pods") => match read_review::<Pod>(req).await {
+            Ok(request) => {
+                let (response, outcome) = mutate_pod(state, &request);
+                ("pods", response, outcome)
+            }
+            Err(refused) => return refused,
+        },
+        (&http::Method::POST, path @ ("/mutate/approvals" | "/validate/approvals")) => {
+            match read_review::<Approval>(req).await {
+                Ok(request) => {
+                    let (response, outcome) = if path == "/mutate/approvals" {
+                        mutate_approval(&request)
+                    } else {
+                        validate_approval(&request)
+                    };
+                    ("approvals", response, outcome)
+                }
+                Err(refused) => return refused,
+            }
+        }
+        _ => {
+            return respond(
+                StatusCode::NOT_FOUND,
+                "not found: the webhook serves POST /mutate/pods, /mutate/approvals and /validate/approvals".into(),
+            );
+        }
+    };
+    state
+        .metrics
+        .admissions
+        .with_label_values(&[kind, outcome])
+        .inc();
+    state
+        .metrics
+        .admission_seconds
+        .with_label_values(&[kind])
+        .observe(started.elapsed().as_secs_f64());
+    respond(
+        StatusCode::OK,
+        serde_json::to_string(&response.into_review()).unwrap_or_default(),
+    )
+}
+
+/// Reads an `AdmissionReview` of a `T`, or the error response to send instead.
+async fn read_review<T>(
+    req: Request<Incoming>,
+) -> Result<AdmissionRequest<T>, Response<Full<Bytes>>>
+where
+    T: kube::Resource + serde::de::DeserializeOwned,
+{
     let body = match Limited::new(req.into_body(), MAX_REVIEW_BYTES)
         .collect()
         .await
     {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            return respond(
+            return Err(respond(
                 StatusCode::BAD_REQUEST,
                 format!("cannot read the AdmissionReview: {e}"),
-            );
+            ));
         }
     };
-    let review: AdmissionReview<Pod> = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return respond(
-                StatusCode::BAD_REQUEST,
-                format!("not an AdmissionReview of a Pod: {e}"),
-            );
-        }
+    let review: AdmissionReview<T> = serde_json::from_slice(&body).map_err(|e| {
+        respond(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "not an AdmissionReview of a {}: {e}",
+                std::any::type_name::<T>()
+            ),
+        )
+    })?;
+    review.try_into().map_err(|e| {
+        respond(
+            StatusCode::BAD_REQUEST,
+            format!("the AdmissionReview has no request: {e}"),
+        )
+    })
+}
+
+/// Stamps `spec.decidedBy` with the deciding user.
+fn mutate_approval(request: &AdmissionRequest<Approval>) -> (AdmissionResponse, &'static str) {
+    let response = AdmissionResponse::from(request);
+    let Some(new) = &request.object else {
+        return (response, "skipped");
     };
-    let request: AdmissionRequest<Pod> = match review.try_into() {
-        Ok(r) => r,
-        Err(e) => {
-            return respond(
-                StatusCode::BAD_REQUEST,
-                format!("the AdmissionReview has no request: {e}"),
-            );
-        }
+    let decider = approvals::Decider::of(request);
+    match approvals::stamp(new, request.old_object.as_ref(), &decider) {
+        None => (response, "skipped"),
+        Some(patch) => match response.with_patch(patch) {
+            Ok(response) => (response, "stamped"),
+            Err(e) => (
+                AdmissionResponse::from(request)
+                    .deny(format!("agentgate: cannot encode the decidedBy patch: {e}")),
+                "error",
+            ),
+        },
+    }
+}
+
+/// Refuses decisions that break separation of duties.
+fn validate_approval(request: &AdmissionRequest<Approval>) -> (AdmissionResponse, &'static str) {
+    let response = AdmissionResponse::from(request);
+    let Some(new) = &request.object else {
+        return (response, "skipped");
     };
-    let (response, outcome) = mutate_pod(state, &request);
-    state
-        .metrics
-        .admissions
-        .with_label_values(&["pods", outcome])
-        .inc();
-    state
-        .metrics
-        .admission_seconds
-        .with_label_values(&["pods"])
-        .observe(started.elapsed().as_secs_f64());
-    respond(
-        StatusCode::OK,
-        serde_json::to_string(&response.into_review()).unwrap_or_default(),
-    )
+    let decider = approvals::Decider::of(request);
+    match approvals::check(new, request.old_object.as_ref(), &decider, Timestamp::now()) {
+        Ok(()) => (response, "allowed"),
+        Err(reason) => {
+            tracing::info!(approval = ?new.metadata.name, user = %decider.username, %reason, "approval decision refused");
+            (response.deny(format!("agentgate: {reason}")), "denied")
+        }
+    }
 }
 
 /// Decides one pod. An opted-in pod that cannot be injected is refused: it must not run

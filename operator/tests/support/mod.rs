@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use agentgate_e2e::ControlPlane;
 pub use agentgate_e2e::free_port;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use kube::api::PostParams;
 use kube::{Api, Client};
 use serde_json::json;
@@ -86,8 +88,32 @@ pub async fn start_operator(
             "rules": [{ "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"] }],
             "namespaceSelector": { "matchLabels": { "agentgate.dev/injection": "enabled", "kubernetes.io/metadata.name": namespace } },
             "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"], "timeoutSeconds": 5
+        }, {
+            "name": "approvals.agentgate.dev",
+            "clientConfig": { "url": format!("https://127.0.0.1:{webhook_port}/mutate/approvals") },
+            "rules": [{ "apiGroups": ["agentgate.dev"], "apiVersions": ["v1alpha1"], "operations": ["CREATE", "UPDATE"], "resources": ["approvals"] }],
+            "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": namespace } },
+            "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"], "timeoutSeconds": 5
         }]
     });
+    let validating = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+        "metadata": { "name": webhook_name },
+        "webhooks": [{
+            "name": "approvals.agentgate.dev",
+            "clientConfig": { "url": format!("https://127.0.0.1:{webhook_port}/validate/approvals") },
+            "rules": [{ "apiGroups": ["agentgate.dev"], "apiVersions": ["v1alpha1"], "operations": ["CREATE", "UPDATE"], "resources": ["approvals"] }],
+            "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": namespace } },
+            "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"], "timeoutSeconds": 5
+        }]
+    });
+    let vwc: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    vwc.create(
+        &PostParams::default(),
+        &serde_json::from_value(validating).unwrap(),
+    )
+    .await
+    .unwrap();
     let mwc: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     mwc.create(
         &PostParams::default(),
@@ -120,6 +146,8 @@ pub async fn start_operator(
             .args([
                 "--mutating-webhook",
                 &webhook_name,
+                "--validating-webhook",
+                &webhook_name,
                 "--lease-duration",
                 "6s",
                 "--sidecar-image",
@@ -138,6 +166,17 @@ pub async fn start_operator(
     .await;
     wait_for("the caBundle", log, async || {
         mwc.get(&webhook_name)
+            .await
+            .ok()?
+            .webhooks?
+            .first()?
+            .client_config
+            .ca_bundle
+            .clone()
+    })
+    .await;
+    wait_for("the validating caBundle", log, async || {
+        vwc.get(&webhook_name)
             .await
             .ok()?
             .webhooks?

@@ -1,0 +1,119 @@
+use agentgate_crds::ApprovalSpec;
+use serde_json::json;
+
+use super::*;
+
+fn approval(decision: Option<&str>, decided_by: Option<&str>) -> Approval {
+    let mut spec = json!({
+        "connection": "orders-db", "policy": "prod-agents", "rule": "writes-need-a-dba",
+        "agent": { "pod": "claude-7f9c", "serviceAccount": "claude", "namespace": "agents" },
+        "requester": { "subject": "u-42", "email": "dev@example.com", "groups": ["developers"] },
+        "request": { "protocol": "postgres", "summary": "DELETE FROM orders WHERE id = $1", "fingerprint": "4f1c",
+                     "classification": { "statements": ["delete"], "tables": ["public.orders"] } },
+        "approvers": { "groups": ["dba-oncall"] },
+        "grant": "once",
+        "expiresAt": "2030-01-01T00:00:00Z",
+    });
+    if let Some(d) = decision {
+        spec["decision"] = json!(d);
+    }
+    if let Some(by) = decided_by {
+        spec["decidedBy"] = json!(by);
+    }
+    let spec: ApprovalSpec = serde_json::from_value(spec).unwrap();
+    Approval::new("apr-x7k2", spec)
+}
+
+fn user(name: &str, groups: &[&str]) -> Decider {
+    Decider {
+        username: name.into(),
+        groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+    }
+}
+
+fn now() -> Timestamp {
+    "2026-11-22T00:00:00Z".parse().unwrap()
+}
+
+#[test]
+fn decided_by_is_stamped_from_the_request_user_only_when_deciding() {
+    let alice = user("alice", &["dba-oncall"]);
+    let pending = approval(None, None);
+    let forged = approval(Some("Approved"), Some("someone-else"));
+    let patch = stamp(&forged, Some(&pending), &alice).unwrap();
+    assert_eq!(
+        serde_json::to_value(&patch).unwrap(),
+        json!([{ "op": "add", "path": "/spec/decidedBy", "value": "alice" }])
+    );
+    assert!(
+        stamp(&pending, None, &alice).is_none(),
+        "creating a pending Approval"
+    );
+    assert!(
+        stamp(&forged, Some(&forged), &alice).is_none(),
+        "already decided"
+    );
+}
+
+#[test]
+fn separation_of_duties() {
+    let pending = approval(None, None);
+    let decided = |by: &str| approval(Some("Approved"), Some(by));
+    let check_as = |d: &Decider| check(&decided(&d.username), Some(&pending), d, now());
+    assert_eq!(check_as(&user("alice", &["dba-oncall"])), Ok(()));
+    let outsider = check_as(&user("bob", &["developers"])).unwrap_err();
+    assert!(
+        outsider.contains("not in the approver groups"),
+        "{outsider}"
+    );
+    let requester = check_as(&user("dev@example.com", &["dba-oncall"])).unwrap_err();
+    assert!(requester.contains("cannot decide"), "{requester}");
+    let by_subject = check_as(&user("u-42", &["dba-oncall"])).unwrap_err();
+    assert!(by_subject.contains("cannot decide"), "{by_subject}");
+    let agent = check_as(&user(
+        "system:serviceaccount:agents:agentgate-sidecar",
+        &["dba-oncall"],
+    ))
+    .unwrap_err();
+    assert!(agent.contains("service account"), "{agent}");
+    // A service account elsewhere in the approver group may decide (an approval bot).
+    assert_eq!(
+        check_as(&user("system:serviceaccount:ops:bot", &["dba-oncall"])),
+        Ok(())
+    );
+}
+
+#[test]
+fn decisions_are_final_expiry_holds_and_decided_by_must_be_the_decider() {
+    let alice = user("alice", &["dba-oncall"]);
+    let approved = approval(Some("Approved"), Some("alice"));
+    let denied = approval(Some("Denied"), Some("alice"));
+    assert!(
+        check(&denied, Some(&approved), &alice, now())
+            .unwrap_err()
+            .contains("cannot be changed")
+    );
+    assert_eq!(
+        check(&approved, Some(&approved), &alice, now()),
+        Ok(()),
+        "an unchanged decided object"
+    );
+    let late: Timestamp = "2031-01-01T00:00:00Z".parse().unwrap();
+    let pending = approval(None, None);
+    assert!(
+        check(&approved, Some(&pending), &alice, late)
+            .unwrap_err()
+            .contains("expired")
+    );
+    assert_eq!(
+        check(&denied, Some(&pending), &alice, late),
+        Ok(()),
+        "denying an expired request is fine"
+    );
+    let forged = approval(Some("Approved"), Some("carol"));
+    assert!(
+        check(&forged, Some(&pending), &alice, now())
+            .unwrap_err()
+            .contains("decidedBy")
+    );
+}
