@@ -35,25 +35,9 @@ async fn only_an_approver_who_is_not_the_requester_can_decide_and_decided_by_is_
     let client = cp.client().await;
     let system = cp.namespace(&client, "agentgate-system").await;
     let ns = cp.namespace(&client, "approvals").await;
-    let (operator, _, _) = start_operator(cp, &client, &system, &ns).await;
+    let (_operator, _, _) = start_operator(cp, &client, &system, &ns).await;
 
-    let apply = |yaml: &str| {
-        let mut cmd = cp.kubectl();
-        cmd.args(["apply", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        std::io::Write::write_all(&mut child.stdin.take().unwrap(), yaml.as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            operator.log()
-        );
-    };
-    let create = |name: &str, expires: &str| apply(&approval(&ns, name, expires));
+    let create = |name: &str, expires: &str| kubectl_apply(cp, &approval(&ns, name, expires));
     let decide = |context: &[&str], name: &str, patch: serde_json::Value| {
         let mut args = context.to_vec();
         let patch = patch.to_string();
@@ -62,22 +46,8 @@ async fn only_an_approver_who_is_not_the_requester_can_decide_and_decided_by_is_
         ]);
         cp.kubectl_output(&args)
     };
-    // Everyone may patch Approvals here (as the chart's agentgate-approver role allows):
-    // what stops them is the webhooks, not RBAC.
+    apply_approver_role(cp, &ns);
     let sidecar = format!("system:serviceaccount:{ns}:agentgate-sidecar");
-    let rbac = json!({ "apiVersion": "v1", "kind": "List", "items": [
-        { "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-          "metadata": { "name": "approver", "namespace": ns },
-          "rules": [{ "apiGroups": ["agentgate.dev"], "resources": ["approvals"], "verbs": ["get", "list", "watch", "patch"] }] },
-        { "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-          "metadata": { "name": "approver", "namespace": ns },
-          "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "approver" },
-          "subjects": [
-            { "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "dba-oncall" },
-            { "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "developers" },
-            { "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": sidecar } ] }
-    ]});
-    apply(&rbac.to_string());
     let approve = json!({ "spec": { "decision": "Approved", "reason": "ticket 4711", "decidedBy": "mallory" } });
     create("apr-delete-1", "2099-01-01T00:00:00Z");
 
@@ -146,4 +116,298 @@ async fn only_an_approver_who_is_not_the_requester_can_decide_and_decided_by_is_
         json!({ "spec": { "decision": "Denied", "reason": "too late" } }),
     )
     .unwrap();
+}
+
+/// The sidecar binary in front of a real PostgreSQL, holding its approvals on the real
+/// API server, with the operator's webhooks deciding who may decide.
+#[tokio::test]
+async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
+    let cp = ControlPlane::shared();
+    let client = cp.client().await;
+    let system = cp.namespace(&client, "agentgate-system").await;
+    let ns = cp.namespace(&client, "held").await;
+    let (operator, _, _) = start_operator(cp, &client, &system, &ns).await;
+    let db = tokio::task::spawn_blocking(|| {
+        agentgate_e2e::postgres::Postgres::start(
+            "CREATE ROLE app LOGIN PASSWORD 'app-pw-3b9e';
+             CREATE TABLE orders (id int PRIMARY KEY, note text);
+             INSERT INTO orders SELECT g, 'order ' || g FROM generate_series(1, 10) g;
+             CREATE TABLE audit_log (id int, line text);
+             INSERT INTO audit_log SELECT g, 'line ' || g FROM generate_series(1, 10) g;
+             CREATE TABLE slow (id int);
+             GRANT ALL ON orders, audit_log, slow TO app;",
+        )
+        .unwrap()
+    })
+    .await
+    .unwrap();
+
+    // The sidecar, configured as the operator would, its Approvals in `ns`.
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_port();
+    let rule = |name: &str, table: &str, extra: serde_json::Value| {
+        let mut approval = json!({ "approvers": { "groups": ["dba-oncall"] }, "timeout": "60s" });
+        for (k, v) in extra.as_object().unwrap() {
+            approval[k] = v.clone();
+        }
+        json!({ "name": name, "match": { "sql": { "statements": ["delete"], "tables": [table] } },
+                "action": "approve", "approval": approval })
+    };
+    let bundle = json!({
+        "namespace": ns,
+        "connections": [{ "name": "orders-db", "generation": 1, "spec": {
+            "protocol": "postgres",
+            "upstream": { "address": format!("127.0.0.1:{}", db.port), "database": "postgres", "tls": { "mode": "disable" } },
+            "credentials": { "secretRef": { "name": "db" } }, "listen": { "port": listen } } }],
+        "policies": [{ "name": "prod-agents", "generation": 1, "spec": {
+            "agentSelector": {}, "connections": ["orders-db"],
+            "rules": [
+                { "name": "reads", "match": { "sql": { "statements": ["select"] } }, "action": "allow" },
+                rule("order-deletes", "public.orders", json!({ "grant": "once" })),
+                rule("log-deletes", "public.audit_log", json!({ "grant": "fingerprint", "grantTTL": "10m" })),
+                rule("slow-deletes", "public.slow", json!({ "timeout": "2s" })),
+            ] } }]
+    });
+    std::fs::write(dir.path().join("bundle.json"), bundle.to_string()).unwrap();
+    std::fs::write(dir.path().join("labels"), "app=\"agent\"\n").unwrap();
+    std::fs::create_dir_all(dir.path().join("credentials/db")).unwrap();
+    std::fs::write(dir.path().join("credentials/db/username"), "app").unwrap();
+    std::fs::write(dir.path().join("credentials/db/password"), "app-pw-3b9e").unwrap();
+    let admin_port = free_port();
+    let log_path = dir.path().join("sidecar.log");
+    let sidecar = Process(
+        std::process::Command::new(sidecar_binary())
+            .env("KUBECONFIG", cp.kubeconfig())
+            .args([
+                "--bundle",
+                &dir.path().join("bundle.json").display().to_string(),
+            ])
+            .args([
+                "--pod-labels",
+                &dir.path().join("labels").display().to_string(),
+            ])
+            .args([
+                "--credentials-dir",
+                &dir.path().join("credentials").display().to_string(),
+            ])
+            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+            .args([
+                "--pod-name",
+                "claude-7f9c",
+                "--pod-namespace",
+                &ns,
+                "--service-account",
+                "claude",
+            ])
+            .args([
+                "--audit",
+                &format!("file:{}", dir.path().join("audit.jsonl").display()),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+        log_path,
+    );
+    let log = || format!("sidecar:\n{}\noperator:\n{}", sidecar.log(), operator.log());
+    wait_for("the sidecar", log, async || {
+        (http_get(admin_port, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+
+    // psql as the agent, in the background: it blocks while its statement is held.
+    let run = |sql: &str| {
+        let sql = sql.to_owned();
+        std::thread::spawn(move || {
+            let out = std::process::Command::new("psql")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &listen.to_string(),
+                    "-U",
+                    "agent",
+                    "-d",
+                    "orders",
+                    "-X",
+                    "-A",
+                    "-t",
+                    "-c",
+                    &sql,
+                ])
+                .env("PGCONNECT_TIMEOUT", "10")
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr),
+            )
+        })
+    };
+    let pending = async |known: &[String]| -> String {
+        wait_for("a pending Approval", log, async || {
+            let list = cp
+                .kubectl_output(&["get", "approvals", "-n", &ns, "-o", "json"])
+                .ok()?;
+            let list: serde_json::Value = serde_json::from_str(&list).ok()?;
+            list["items"].as_array()?.iter().find_map(|a| {
+                let name = a["metadata"]["name"].as_str()?.to_owned();
+                (a["status"]["phase"] == "Pending" && !known.contains(&name)).then_some(name)
+            })
+        })
+        .await
+    };
+    let get = |name: &str, path: &str| {
+        cp.kubectl_output(&[
+            "get",
+            "approval",
+            name,
+            "-n",
+            &ns,
+            "-o",
+            &format!("jsonpath={path}"),
+        ])
+        .unwrap()
+    };
+    let decide = |name: &str, decision: &str| {
+        let patch =
+            json!({ "spec": { "decision": decision, "reason": "ticket 4711" } }).to_string();
+        cp.kubectl_output(&[
+            "--context",
+            users::ALICE,
+            "patch",
+            "approval",
+            name,
+            "-n",
+            &ns,
+            "--type",
+            "merge",
+            "-p",
+            &patch,
+        ])
+        .unwrap()
+    };
+    apply_approver_role(cp, &ns);
+
+    // 1. A DELETE is held; the approver sees it; approved, it runs and is recorded.
+    let delete = run("DELETE FROM orders WHERE id = 1");
+    let first = pending(&[]).await;
+    assert_eq!(
+        get(&first, "{.spec.request.summary}"),
+        "DELETE FROM orders WHERE id = 1"
+    );
+    assert_eq!(get(&first, "{.spec.agent.pod}"), "claude-7f9c");
+    assert!(
+        !delete.is_finished(),
+        "the agent's statement waits for the decision"
+    );
+    let decided = std::time::Instant::now();
+    decide(&first, "Approved");
+    let (ok, out) = delete.join().unwrap();
+    let latency = decided.elapsed();
+    assert!(ok, "{out}\n{}", log());
+    assert!(out.contains("DELETE 1"), "{out}");
+    assert!(
+        latency < std::time::Duration::from_secs(3),
+        "proceeded {latency:?} after the patch"
+    );
+    assert_eq!(get(&first, "{.spec.decidedBy}"), "alice");
+    wait_for("Executed", log, async || {
+        (get(&first, "{.status.phase}") == "Executed"
+            && get(&first, "{.status.result.rowsAffected}") == "1")
+            .then_some(())
+    })
+    .await;
+
+    // 2. `grant: once`: the next DELETE is held again; denied, the agent is told why.
+    let again = run("DELETE FROM orders WHERE id = 2");
+    let second = pending(std::slice::from_ref(&first)).await;
+    decide(&second, "Denied");
+    let (ok, out) = again.join().unwrap();
+    assert!(!ok);
+    assert!(
+        out.contains(&format!(
+            "Approval {second} was denied by alice: ticket 4711"
+        )),
+        "{out}"
+    );
+    assert_eq!(get(&second, "{.status.phase}"), "Denied");
+
+    // 3. `grant: fingerprint`: approved once, the same statement shape passes within the TTL.
+    let log_delete = run("DELETE FROM audit_log WHERE id = 1");
+    let third = pending(&[first.clone(), second.clone()]).await;
+    decide(&third, "Approved");
+    assert!(log_delete.join().unwrap().0);
+    let (ok, out) = run("DELETE FROM audit_log WHERE id = 2").join().unwrap();
+    assert!(ok && out.contains("DELETE 1"), "{out}");
+    let count = cp
+        .kubectl_output(&["get", "approvals", "-n", &ns, "-o", "name"])
+        .unwrap();
+    assert_eq!(
+        count.lines().count(),
+        3,
+        "the grant needed no new Approval: {count}"
+    );
+    assert_eq!(
+        db.psql_as(
+            ("app", "app-pw-3b9e"),
+            &["-c", "SELECT count(*) FROM orders"]
+        )
+        .unwrap()
+        .trim(),
+        "9"
+    );
+
+    // 4. Nobody decides within the timeout: refused, and the Approval says Expired.
+    let (ok, out) = run("DELETE FROM slow").join().unwrap();
+    assert!(!ok);
+    assert!(out.contains("was not decided within 2s"), "{out}");
+    let phases = cp
+        .kubectl_output(&[
+            "get",
+            "approvals",
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.items[*].status.phase}",
+        ])
+        .unwrap();
+    assert!(phases.contains("Expired"), "{phases}");
+}
+
+/// Lets the control plane's users patch Approvals in `ns` (the chart's
+/// agentgate-approver role): the webhooks, not RBAC, decide who may decide.
+fn apply_approver_role(cp: &ControlPlane, ns: &str) {
+    let rbac = json!({ "apiVersion": "v1", "kind": "List", "items": [
+        { "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+          "metadata": { "name": "approver", "namespace": ns },
+          "rules": [{ "apiGroups": ["agentgate.dev"], "resources": ["approvals"], "verbs": ["get", "list", "watch", "patch"] }] },
+        { "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+          "metadata": { "name": "approver", "namespace": ns },
+          "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "approver" },
+          "subjects": [
+            { "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "dba-oncall" },
+            { "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "developers" },
+            { "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": format!("system:serviceaccount:{ns}:agentgate-sidecar") } ] }
+    ]});
+    kubectl_apply(cp, &rbac.to_string());
+}
+
+fn kubectl_apply(cp: &ControlPlane, yaml: &str) {
+    let mut child = cp
+        .kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), yaml.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -8,7 +8,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use agentgate_crds::{AgentAccessPolicy, Bundle, Connection};
@@ -50,32 +50,6 @@ async fn bundle(client: &Client, ns: &str) -> Option<Bundle> {
 
 fn names<T>(entries: &[agentgate_crds::BundleEntry<T>]) -> Vec<String> {
     entries.iter().map(|e| e.name.clone()).collect()
-}
-
-/// The sidecar binary of this workspace (built here if this test runs alone).
-fn sidecar_binary() -> PathBuf {
-    let dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let binary = dir.join("agentgate-sidecar");
-    if !binary.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "-p",
-                "agentgate-sidecar",
-                "--bin",
-                "agentgate-sidecar",
-            ])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    binary
 }
 
 #[tokio::test]

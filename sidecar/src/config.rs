@@ -39,6 +39,16 @@ pub struct Settings {
     #[arg(long, env = "AGENTGATE_POD_NAMESPACE", default_value = "")]
     pub pod_namespace: String,
 
+    /// The pod's service account (shown on its Approvals).
+    #[arg(long, env = "AGENTGATE_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+
+    /// Where requests that need approval are held: `kubernetes` (an Approval object in
+    /// the pod's namespace, through the in-cluster API or KUBECONFIG) or `off` (every
+    /// such request is refused).
+    #[arg(long, env = "AGENTGATE_APPROVALS", default_value = "kubernetes", value_parser = ["kubernetes", "off"])]
+    pub approvals: String,
+
     /// Where the Connections' Secrets are mounted: `<dir>/<secret-name>/<key>`, and
     /// service-account tokens at `<dir>/serviceaccount-<name>/token`.
     #[arg(

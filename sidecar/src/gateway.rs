@@ -20,7 +20,7 @@ use hyper_util::server::conn::auto;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::approval::{ApprovalHook, ApprovalOutcome, HeldRequest};
+use crate::approval::{ApprovalHook, ApprovalOutcome, Executed, HeldRequest};
 use crate::audit::{Audit, AuditEvent};
 use crate::body::Body;
 use crate::body::{Completion, MaskedBody, Mode};
@@ -91,6 +91,8 @@ pub async fn serve(listener: TcpListener, connection: String, gateway: Arc<Gatew
 pub(crate) struct Record {
     pub(crate) started: Instant,
     pub(crate) event: AuditEvent,
+    /// The Approval that let the request through, if one did.
+    pub(crate) approval: Option<String>,
 }
 
 impl Record {
@@ -107,6 +109,7 @@ impl Record {
                 request,
                 ..Default::default()
             },
+            approval: None,
         }
     }
 }
@@ -182,7 +185,8 @@ pub async fn handle(
     record.event.rule = evaluation.decision.rule().map(str::to_owned);
 
     // 4. approve
-    if let Err(refusal) = gw.approve(&evaluation, &attrs, &mut record).await {
+    let summary = format!("{} {}", req.method(), req.uri().path());
+    if let Err(refusal) = gw.approve(&evaluation, &attrs, &summary, &mut record).await {
         return gw.refuse(record, protocol, refusal);
     }
     if let Err(refusal) = gw.record_allowed(&mut record) {
@@ -244,6 +248,15 @@ impl Gateway {
 
     /// Records, counts and logs a refusal, whatever the protocol.
     pub(crate) fn note_refusal(&self, record: &mut Record, refusal: &Refusal) {
+        if let Some(approval) = &record.approval {
+            self.approvals.executed(
+                approval,
+                Executed {
+                    error: Some(refusal.reason()),
+                    ..Default::default()
+                },
+            );
+        }
         record.event.kind = "decision";
         record.event.decision = refusal.decision().into();
         record.event.rule = refusal
@@ -271,6 +284,7 @@ impl Gateway {
         &self,
         evaluation: &Evaluation,
         attrs: &RequestAttrs,
+        summary: &str,
         record: &mut Record,
     ) -> Result<(), Refusal> {
         match &evaluation.decision {
@@ -286,10 +300,12 @@ impl Gateway {
                     rule: rule.as_deref(),
                     policy: evaluation.policy.as_deref(),
                     approval,
+                    summary,
                 };
                 match self.approvals.decide(held).await {
                     ApprovalOutcome::Approved { approval } => {
                         record.event.reason = Some(format!("approved in {approval}"));
+                        record.approval = Some(approval);
                         Ok(())
                     }
                     ApprovalOutcome::Refused { reason } => Err(Refusal::NotApproved {
@@ -338,6 +354,19 @@ impl Gateway {
     ) {
         record.event.kind = "completed";
         record.event.status = status.map(|s| s.as_u16());
+        if let Some(approval) = &record.approval {
+            self.approvals.executed(
+                approval,
+                Executed {
+                    rows_affected: record
+                        .event
+                        .rows_affected
+                        .and_then(|n| i64::try_from(n).ok()),
+                    http_status: status.map(|s| i32::from(s.as_u16())),
+                    error: done.error.clone(),
+                },
+            );
+        }
         record.event.bytes = Some(done.bytes);
         record.event.latency_ms = Some(record.started.elapsed().as_secs_f64() * 1000.0);
         record.event.masked = done.report.counts().clone();

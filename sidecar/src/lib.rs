@@ -28,7 +28,8 @@ use std::sync::{Arc, Mutex};
 use agentgate_crds::{Protocol, TlsMode};
 use arc_swap::ArcSwap;
 
-use crate::approval::NotConfigured;
+use crate::approval::kubernetes::KubeApprovals;
+use crate::approval::{ApprovalHook, NotConfigured};
 use crate::audit::Audit;
 use crate::config::Settings;
 use crate::gateway::Gateway;
@@ -138,6 +139,26 @@ fn audit_masking() -> agentgate_policy::masking::MaskingProfile {
         .unwrap_or_else(|_| unreachable!("the built-in detector sets compile"))
 }
 
+/// The approval hook: `Approval` objects when a Kubernetes API is reachable; otherwise
+/// (or with `--approvals off`) every request that needs approval is refused.
+async fn approval_hook(settings: &Settings) -> Arc<dyn ApprovalHook> {
+    if settings.approvals == "off" {
+        return Arc::new(NotConfigured);
+    }
+    match kube::Client::try_default().await {
+        Ok(client) => Arc::new(KubeApprovals::new(
+            client,
+            &settings.pod_namespace,
+            &settings.pod_name,
+            settings.service_account.clone(),
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, "no Kubernetes API for approvals; requests that need approval are refused");
+            Arc::new(NotConfigured)
+        }
+    }
+}
+
 fn hash_key(settings: &Settings) -> Result<Vec<u8>, StartError> {
     match &settings.hash_key_file {
         Some(path) => std::fs::read(path).map_err(StartError::HashKey),
@@ -195,7 +216,7 @@ pub async fn run(
         identity: IdentityValidator::new(identity_client),
         audit,
         metrics: metrics.clone(),
-        approvals: Arc::new(NotConfigured),
+        approvals: approval_hook(&settings).await,
         audit_masking: audit_masking(),
         requests: AtomicU64::new(0),
         postgres: postgres::Shared::default(),

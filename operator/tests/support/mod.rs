@@ -188,3 +188,27 @@ pub async fn start_operator(
     .await;
     (operator, webhook_name, admin_port)
 }
+
+/// The sidecar binary of this workspace, brought up to date (a no-op when `cargo test
+/// --workspace` has just built it).
+pub fn sidecar_binary() -> PathBuf {
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-p",
+            "agentgate-sidecar",
+            "--bin",
+            "agentgate-sidecar",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    dir.join("agentgate-sidecar")
+}

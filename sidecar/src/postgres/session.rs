@@ -141,6 +141,7 @@ async fn send<W: AsyncWrite + Unpin>(w: &mut W, frames: &[Frame]) -> std::io::Re
 #[derive(Debug)]
 struct Prepared {
     sql: Arc<SqlRequest>,
+    text: Arc<str>,
 }
 
 /// The agent half's view of the session.
@@ -509,7 +510,7 @@ impl AgentHalf {
                 // Decide before anything reaches the server; flush first so earlier
                 // messages are not held back behind an approval.
                 self.flush().await?;
-                match self.decide(&sql, None).await {
+                match self.decide(&sql, &text, None, false).await {
                     Ok(execution) => {
                         self.forward(&frame);
                         self.queue(Pending::Query(execution)).await?;
@@ -520,7 +521,7 @@ impl AgentHalf {
             Frontend::Parse { name, query } => {
                 let sql = Arc::new(classify_sql(&query));
                 self.flush().await?;
-                match self.decide(&sql, None).await {
+                match self.decide(&sql, &query, None, true).await {
                     Ok(_) => {
                         self.forward(&frame);
                         self.queue(Pending::Parse).await?;
@@ -531,7 +532,8 @@ impl AgentHalf {
                         describe.push(0);
                         self.forward(&Frame::new(b'D', describe));
                         self.queue(Pending::DescribeStatement(name.clone())).await?;
-                        self.statements.insert(name, Prepared { sql });
+                        let text = query.into();
+                        self.statements.insert(name, Prepared { sql, text });
                     }
                     Err(error) => self.refuse_in_batch(error).await?,
                 }
@@ -570,7 +572,11 @@ impl AgentHalf {
                         error_response("34000", &format!("portal {portal:?} does not exist"), None);
                     return self.refuse_in_batch(error).await;
                 };
-                let Some(sql) = self.statements.get(&statement).map(|p| p.sql.clone()) else {
+                let Some((sql, text)) = self
+                    .statements
+                    .get(&statement)
+                    .map(|p| (p.sql.clone(), p.text.clone()))
+                else {
                     let error = error_response(
                         "26000",
                         &format!("prepared statement {statement:?} does not exist"),
@@ -579,7 +585,7 @@ impl AgentHalf {
                     return self.refuse_in_batch(error).await;
                 };
                 self.flush().await?;
-                match self.decide(&sql, Some(parameters)).await {
+                match self.decide(&sql, &text, Some(parameters), false).await {
                     Ok(mut execution) => {
                         execution.portal = Some(portal);
                         self.forward(&frame);
@@ -688,13 +694,24 @@ impl AgentHalf {
 
     /// The pipeline's identity → classification → decision → approval → record steps
     /// for one statement text. `Err` is the `ErrorResponse` the agent gets instead.
+    ///
+    /// A statement that needs approval is held at `Execute`, when its parameters are
+    /// known and it is about to run — not at `Parse` (`at_parse`), which runs nothing.
     async fn decide(
         &mut self,
         sql: &Arc<SqlRequest>,
+        text: &str,
         parameters: Option<Vec<String>>,
+        at_parse: bool,
     ) -> Result<Box<Execution>, Frame> {
         let runtime: Arc<Runtime> = self.gw.config.load_full();
         let mut record = self.record(summary(sql));
+        // What an approver is shown: the statement as sent, and its parameters, masked.
+        let mut shown = text.to_owned();
+        if let Some(p) = parameters.as_ref().filter(|p| !p.is_empty()) {
+            shown.push_str(" -- parameters: ");
+            shown.push_str(&p.join(", "));
+        }
         record.event.parameters = parameters;
         let attrs = RequestAttrs {
             connection: self.connection.to_string(),
@@ -716,8 +733,26 @@ impl AgentHalf {
             };
             error_response(code, &message, Some(refusal.next_step()))
         };
-        if let Err(refusal) = self.gw.approve(&evaluation, &attrs, &mut record).await {
-            return Err(refuse(&mut record, refusal));
+        let held_for_execute = at_parse
+            && matches!(
+                evaluation.decision,
+                agentgate_policy::Decision::RequireApproval { .. }
+            );
+        if held_for_execute {
+            record.event.reason =
+                Some("needs approval; it is asked when the statement is executed".into());
+        } else {
+            let mut report = MaskReport::default();
+            let masked = evaluation.masking.mask_bytes(shown.as_bytes(), &mut report);
+            let masked = self.gw.audit_masking.mask_bytes(&masked, &mut report);
+            let summary = String::from_utf8_lossy(&masked);
+            if let Err(refusal) = self
+                .gw
+                .approve(&evaluation, &attrs, &summary, &mut record)
+                .await
+            {
+                return Err(refuse(&mut record, refusal));
+            }
         }
         if let Some(limit) = evaluation.limits.max_rows_modified_per_session
             && sql.statements.iter().any(|s| writes_rows(s.kind))

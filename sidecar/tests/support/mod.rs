@@ -233,6 +233,9 @@ impl Sidecar {
             .stderr(Stdio::from(
                 std::fs::File::create(dir.path().join("sidecar.log")).unwrap(),
             ));
+        // Approvals need a Kubernetes API: these tests have none (the operator's
+        // end-to-end tests run the sidecar against a real one).
+        cmd.env("AGENTGATE_APPROVALS", "off");
         if dir.path().join("extra-ca.pem").exists() {
             cmd.arg("--extra-ca-file")
                 .arg(dir.path().join("extra-ca.pem"));

@@ -1,6 +1,8 @@
-//! The approval step of the pipeline. The approval issue implements it with `Approval`
-//! objects; until then [`NotConfigured`] refuses every request that needs approval, and
-//! says so.
+//! The approval step of the pipeline: [`kubernetes::KubeApprovals`] holds a request on
+//! an `Approval` object until a human decides; [`NotConfigured`] (no Kubernetes API
+//! reachable) refuses every request that needs approval, and says so.
+
+pub mod kubernetes;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,6 +20,19 @@ pub struct HeldRequest<'a> {
     pub policy: Option<&'a str>,
     /// Who approves, for how long, what the approval grants.
     pub approval: &'a ApprovalPolicy,
+    /// What the approver is shown: the request as the agent sent it, masked.
+    pub summary: &'a str,
+}
+
+/// What a held and approved request did, for its Approval's status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Executed {
+    /// Rows the statement changed.
+    pub rows_affected: Option<i64>,
+    /// The upstream's HTTP status.
+    pub http_status: Option<i32>,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
 }
 
 /// What became of a held request.
@@ -42,6 +57,10 @@ pub trait ApprovalHook: Send + Sync + std::fmt::Debug {
         &'a self,
         request: HeldRequest<'a>,
     ) -> Pin<Box<dyn Future<Output = ApprovalOutcome> + Send + 'a>>;
+
+    /// Records what an approved request did (in the background; never blocks the
+    /// request).
+    fn executed(&self, _approval: &str, _outcome: Executed) {}
 }
 
 /// No approval backend: every request that needs approval is refused.

@@ -1,0 +1,348 @@
+//! Approvals on the Kubernetes API: a held request becomes an `Approval` object in the
+//! pod's namespace; the sidecar follows it with a watch (not polling) until a human sets
+//! `spec.decision` — the API server and the operator's webhooks decide who may — or the
+//! policy's timeout passes, and records the outcome in the object's status.
+//!
+//! Grants: `once` covers the held request only; `fingerprint` lets the same normalized
+//! statement (or the same Kubernetes verb, resource and name; the same HTTP method and
+//! path) through on this Connection until `grantTTL`; `session` lets this requester's
+//! requests on this Connection through until `grantTTL`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use agentgate_crds::{
+    AgentRef, Approval, ApprovalSpec, Classification, Decision, GrantScope, HeldRequest as Held,
+    RequesterIdentity,
+};
+use agentgate_policy::Target;
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use serde_json::json;
+
+use super::{ApprovalHook, ApprovalOutcome, Executed, HeldRequest};
+
+/// The approval hook backed by `Approval` objects.
+#[derive(Debug)]
+pub struct KubeApprovals {
+    api: Api<Approval>,
+    pod: String,
+    namespace: String,
+    service_account: Option<String>,
+    grants: Mutex<Vec<Grant>>,
+}
+
+#[derive(Debug, Clone)]
+struct Grant {
+    connection: String,
+    key: String,
+    until: Instant,
+    approval: String,
+}
+
+impl KubeApprovals {
+    /// Approvals in `namespace` for the agent pod `pod`.
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        pod: &str,
+        service_account: Option<String>,
+    ) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            pod: pod.to_owned(),
+            namespace: namespace.to_owned(),
+            service_account,
+            grants: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn grants(&self) -> std::sync::MutexGuard<'_, Vec<Grant>> {
+        self.grants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The key a grant of `scope` matches requests by.
+    fn grant_key(scope: GrantScope, request: &HeldRequest<'_>) -> Option<String> {
+        let subject = request
+            .attrs
+            .identity
+            .as_ref()
+            .map_or("", |i| i.subject.as_str());
+        match scope {
+            GrantScope::Once => None,
+            GrantScope::Fingerprint => Some(format!(
+                "fingerprint:{subject}:{}",
+                fingerprint(&request.attrs.target)
+            )),
+            GrantScope::Session => Some(format!("session:{subject}")),
+        }
+    }
+
+    fn granted(&self, request: &HeldRequest<'_>) -> Option<String> {
+        let now = Instant::now();
+        let mut grants = self.grants();
+        grants.retain(|g| g.until > now);
+        let keys: Vec<String> = [GrantScope::Fingerprint, GrantScope::Session]
+            .into_iter()
+            .filter_map(|s| Self::grant_key(s, request))
+            .collect();
+        grants
+            .iter()
+            .find(|g| g.connection == request.attrs.connection && keys.contains(&g.key))
+            .map(|g| g.approval.clone())
+    }
+
+    fn approval_object(&self, name: &str, request: &HeldRequest<'_>) -> Approval {
+        let identity = request.attrs.identity.clone().unwrap_or_default();
+        let expires = Timestamp::now()
+            .checked_add(
+                SignedDuration::try_from(request.approval.timeout).unwrap_or(SignedDuration::MAX),
+            )
+            .unwrap_or(Timestamp::MAX);
+        let spec = ApprovalSpec {
+            connection: request.attrs.connection.clone(),
+            policy: request.policy.unwrap_or("unknown").to_owned(),
+            rule: request.rule.unwrap_or("defaultAction").to_owned(),
+            agent: AgentRef {
+                pod: self.pod.clone(),
+                service_account: self.service_account.clone(),
+                namespace: self.namespace.clone(),
+            },
+            requester: RequesterIdentity {
+                subject: if identity.subject.is_empty() {
+                    "unknown (no token)".to_owned()
+                } else {
+                    identity.subject
+                },
+                issuer: (!identity.issuer.is_empty()).then_some(identity.issuer),
+                email: identity.email,
+                groups: identity.groups,
+            },
+            request: Held {
+                protocol: request.attrs.target.protocol(),
+                summary: truncate(request.summary, 4096),
+                fingerprint: truncate(&fingerprint(&request.attrs.target), 128),
+                classification: classification(&request.attrs.target),
+            },
+            approvers: request.approval.settings.approvers.clone(),
+            grant: request.approval.settings.grant,
+            expires_at: Time(expires),
+            decision: None,
+            reason: None,
+            decided_by: None,
+        };
+        let mut approval = Approval::new(name, spec);
+        approval.metadata.labels = Some(
+            [("agentgate.dev/pod".to_owned(), truncate(&self.pod, 63))]
+                .into_iter()
+                .collect(),
+        );
+        approval
+    }
+
+    async fn set_status(&self, name: &str, status: serde_json::Value) {
+        let patch = Patch::Merge(json!({ "status": status }));
+        if let Err(e) = self
+            .api
+            .patch_status(name, &PatchParams::default(), &patch)
+            .await
+        {
+            tracing::warn!(approval = name, error = %e, "cannot record the Approval's status");
+        }
+    }
+
+    /// Waits on a watch of `name` until it carries a decision; `None` on timeout or when
+    /// the watch cannot be kept.
+    async fn wait(&self, name: &str, timeout: Duration) -> Option<Approval> {
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let decided = async {
+            let mut events = std::pin::pin!(watcher(self.api.clone(), config));
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(watcher::Event::Apply(a) | watcher::Event::InitApply(a))
+                        if a.spec.decision.is_some() =>
+                    {
+                        return Some(a);
+                    }
+                    Ok(watcher::Event::Delete(_)) => return None,
+                    Ok(_) => {}
+                    // The watcher retries by itself; keep waiting until the timeout.
+                    Err(e) => tracing::debug!(approval = name, error = %e, "approval watch error"),
+                }
+            }
+            None
+        };
+        tokio::time::timeout(timeout, decided).await.ok().flatten()
+    }
+
+    async fn hold(&self, request: HeldRequest<'_>) -> ApprovalOutcome {
+        if let Some(approval) = self.granted(&request) {
+            return ApprovalOutcome::Approved {
+                approval: format!("{approval} (grant)"),
+            };
+        }
+        let name = approval_name();
+        let object = self.approval_object(&name, &request);
+        if let Err(e) = self.api.create(&PostParams::default(), &object).await {
+            tracing::error!(error = %e, "cannot create an Approval");
+            return ApprovalOutcome::Refused {
+                reason: format!(
+                    "this request needs a human's approval (approvers: {}), but the Approval could not be created: {e}",
+                    request.approval.settings.approvers.groups.join(", ")
+                ),
+            };
+        }
+        self.set_status(&name, json!({ "phase": "Pending" })).await;
+        tracing::info!(approval = %name, connection = %request.attrs.connection, "request held for approval");
+        let timeout = request.approval.timeout;
+        let Some(decided) = self.wait(&name, timeout).await else {
+            self.set_status(&name, json!({ "phase": "Expired" })).await;
+            return ApprovalOutcome::Refused {
+                reason: format!(
+                    "Approval {name} was not decided within {}s; the request was not run. Ask again when an approver ({}) is available",
+                    timeout.as_secs(),
+                    request.approval.settings.approvers.groups.join(", ")
+                ),
+            };
+        };
+        let now = Timestamp::now().to_string();
+        let by = decided.spec.decided_by.clone().unwrap_or_default();
+        let reason = decided.spec.reason.clone().unwrap_or_default();
+        match decided.spec.decision {
+            Some(Decision::Approved) => {
+                self.set_status(&name, json!({ "phase": "Approved", "decidedAt": now }))
+                    .await;
+                if let Some(key) = Self::grant_key(request.approval.settings.grant, &request) {
+                    self.grants().push(Grant {
+                        connection: request.attrs.connection.clone(),
+                        key,
+                        until: Instant::now() + request.approval.grant_ttl,
+                        approval: name.clone(),
+                    });
+                }
+                ApprovalOutcome::Approved { approval: name }
+            }
+            _ => {
+                self.set_status(&name, json!({ "phase": "Denied", "decidedAt": now }))
+                    .await;
+                ApprovalOutcome::Refused {
+                    reason: format!("Approval {name} was denied by {by}: {reason}"),
+                }
+            }
+        }
+    }
+}
+
+impl ApprovalHook for KubeApprovals {
+    fn decide<'a>(
+        &'a self,
+        request: HeldRequest<'a>,
+    ) -> Pin<Box<dyn Future<Output = ApprovalOutcome> + Send + 'a>> {
+        Box::pin(self.hold(request))
+    }
+
+    fn executed(&self, approval: &str, outcome: Executed) {
+        // A grant's later requests are not recorded on the Approval that granted them.
+        if approval.ends_with("(grant)") {
+            return;
+        }
+        let (api, name) = (self.api.clone(), approval.to_owned());
+        let phase = if outcome.error.is_some() {
+            "Failed"
+        } else {
+            "Executed"
+        };
+        let status = json!({ "status": {
+            "phase": phase,
+            "executedAt": Timestamp::now().to_string(),
+            "result": { "rowsAffected": outcome.rows_affected, "httpStatus": outcome.http_status, "message": outcome.error },
+        }});
+        tokio::spawn(async move {
+            if let Err(e) = api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+                .await
+            {
+                tracing::warn!(approval = %name, error = %e, "cannot record what the approved request did");
+            }
+        });
+    }
+}
+
+/// `apr-` and six random lower-case letters and digits: short enough to type.
+fn approval_name() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyz23456789";
+    let mut raw = [0u8; 6];
+    let _ = getrandom::fill(&mut raw);
+    let suffix: String = raw
+        .iter()
+        .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
+        .collect();
+    format!("apr-{suffix}")
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+/// What a `fingerprint` grant matches: the normalized statement; the Kubernetes verb,
+/// resource and name; the HTTP method and path.
+fn fingerprint(target: &Target) -> String {
+    match target {
+        Target::Postgres(sql) => sql.fingerprint.clone(),
+        Target::Kubernetes(k) => format!(
+            "{} {}/{} {}/{}",
+            k.verb, k.api_group, k.resource, k.namespace, k.name
+        ),
+        Target::Http(h) => format!("{} {}", h.method, h.path),
+    }
+}
+
+fn classification(target: &Target) -> Classification {
+    match target {
+        Target::Postgres(sql) => {
+            let mut tables: Vec<String> = sql
+                .statements
+                .iter()
+                .flat_map(|s| s.tables.iter().cloned())
+                .collect();
+            tables.sort();
+            tables.dedup();
+            Classification {
+                statements: sql.statements.iter().map(|s| s.kind).collect(),
+                tables,
+                ..Default::default()
+            }
+        }
+        Target::Kubernetes(k) => Classification {
+            verb: Some(k.verb.clone()),
+            resource: Some(if k.subresource.is_empty() {
+                k.resource.clone()
+            } else {
+                format!("{}/{}", k.resource, k.subresource)
+            }),
+            namespace: (!k.namespace.is_empty()).then(|| k.namespace.clone()),
+            name: (!k.name.is_empty()).then(|| k.name.clone()),
+            ..Default::default()
+        },
+        Target::Http(h) => Classification {
+            verb: Some(h.method.clone()),
+            resource: Some(truncate(&h.path, 2048)),
+            ..Default::default()
+        },
+    }
+}
