@@ -99,9 +99,11 @@ pub fn check(
             spec.approvers.groups.join(", ")
         ));
     }
-    if spec.decision == Some(Decision::Approved) && spec.expires_at.0 <= now {
+    let expired_phase =
+        new.status.as_ref().and_then(|s| s.phase) == Some(agentgate_crds::ApprovalPhase::Expired);
+    if spec.decision == Some(Decision::Approved) && (spec.expires_at.0 <= now || expired_phase) {
         return Err(format!(
-            "this Approval expired at {}; the agent was refused and must ask again",
+            "this Approval expired (at {}, or its sidecar gave up on it); the agent was refused and must ask again",
             spec.expires_at.0
         ));
     }

@@ -175,45 +175,43 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
     std::fs::write(dir.path().join("credentials/db/password"), "app-pw-3b9e").unwrap();
     let admin_port = free_port();
     let log_path = dir.path().join("sidecar.log");
-    let sidecar = Process(
-        std::process::Command::new(sidecar_binary())
-            .env("KUBECONFIG", cp.kubeconfig())
-            .args([
-                "--bundle",
-                &dir.path().join("bundle.json").display().to_string(),
-            ])
-            .args([
-                "--pod-labels",
-                &dir.path().join("labels").display().to_string(),
-            ])
-            .args([
-                "--credentials-dir",
-                &dir.path().join("credentials").display().to_string(),
-            ])
-            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
-            .args([
-                "--pod-name",
-                "claude-7f9c",
-                "--pod-namespace",
-                &ns,
-                "--service-account",
-                "claude",
-            ])
-            .args([
-                "--audit",
-                &format!("file:{}", dir.path().join("audit.jsonl").display()),
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .unwrap(),
-        log_path,
-    );
-    let log = || format!("sidecar:\n{}\noperator:\n{}", sidecar.log(), operator.log());
-    wait_for("the sidecar", log, async || {
-        (http_get(admin_port, "/readyz").await?.0 == 200).then_some(())
-    })
-    .await;
+    let start_sidecar = || {
+        Process(
+            std::process::Command::new(sidecar_binary())
+                .env("KUBECONFIG", cp.kubeconfig())
+                .arg("--bundle")
+                .arg(dir.path().join("bundle.json"))
+                .arg("--pod-labels")
+                .arg(dir.path().join("labels"))
+                .arg("--credentials-dir")
+                .arg(dir.path().join("credentials"))
+                .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+                .args(["--pod-name", "claude-7f9c", "--pod-namespace", &ns])
+                .args(["--service-account", "claude"])
+                .arg("--audit")
+                .arg(format!("file:{}", dir.path().join("audit.jsonl").display()))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&log_path).unwrap())
+                .spawn()
+                .unwrap(),
+            log_path.clone(),
+        )
+    };
+    let ready = async |log: &dyn Fn() -> String| {
+        wait_for("the sidecar", log, async || {
+            (http_get(admin_port, "/readyz").await?.0 == 200).then_some(())
+        })
+        .await;
+    };
+    let mut sidecar = start_sidecar();
+    let log = || {
+        format!(
+            "sidecar:\n{}\noperator:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default(),
+            operator.log()
+        )
+    };
+    ready(&log).await;
 
     // psql as the agent, in the background: it blocks while its statement is held.
     let run = |sql: &str| {
@@ -374,6 +372,61 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
         ])
         .unwrap();
     assert!(phases.contains("Expired"), "{phases}");
+
+    // 5. The sidecar dies while a request is held: the agent's connection ends (nothing
+    // hangs), and the restarted sidecar marks the orphaned Approval Expired.
+    let known: Vec<String> = cp
+        .kubectl_output(&[
+            "get",
+            "approvals",
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+        .unwrap()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let orphaned = run("DELETE FROM orders WHERE id = 3");
+    let held = pending(&known).await;
+    drop(sidecar);
+    let (ok, _) = orphaned.join().unwrap();
+    assert!(!ok, "the agent sees its connection end");
+    sidecar = start_sidecar();
+    ready(&log).await;
+    wait_for("the orphaned Approval to expire", log, async || {
+        (get(&held, "{.status.phase}") == "Expired").then_some(())
+    })
+    .await;
+    let patch = json!({ "spec": { "decision": "Approved" } }).to_string();
+    let late = cp.kubectl_output(&[
+        "--context",
+        users::ALICE,
+        "patch",
+        "approval",
+        &held,
+        "-n",
+        &ns,
+        "--type",
+        "merge",
+        "-p",
+        &patch,
+    ]);
+    assert!(
+        late.unwrap_err().contains("expired"),
+        "an orphaned Approval cannot be approved"
+    );
+    assert_eq!(
+        db.psql_as(
+            ("app", "app-pw-3b9e"),
+            &["-c", "SELECT count(*) FROM orders WHERE id = 3"]
+        )
+        .unwrap()
+        .trim(),
+        "1"
+    );
+    drop(sidecar);
 }
 
 /// Lets the control plane's users patch Approvals in `ns` (the chart's

@@ -146,12 +146,19 @@ async fn approval_hook(settings: &Settings) -> Arc<dyn ApprovalHook> {
         return Arc::new(NotConfigured);
     }
     match kube::Client::try_default().await {
-        Ok(client) => Arc::new(KubeApprovals::new(
-            client,
-            &settings.pod_namespace,
-            &settings.pod_name,
-            settings.service_account.clone(),
-        )),
+        Ok(client) => {
+            let approvals = Arc::new(KubeApprovals::new(
+                client,
+                &settings.pod_namespace,
+                &settings.pod_name,
+                settings.service_account.clone(),
+            ));
+            tokio::spawn({
+                let approvals = approvals.clone();
+                async move { approvals.recover().await }
+            });
+            approvals
+        }
         Err(e) => {
             tracing::error!(error = %e, "no Kubernetes API for approvals; requests that need approval are refused");
             Arc::new(NotConfigured)

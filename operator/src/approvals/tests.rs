@@ -110,6 +110,16 @@ fn decisions_are_final_expiry_holds_and_decided_by_must_be_the_decider() {
         Ok(()),
         "denying an expired request is fine"
     );
+    let mut orphaned = approval(Some("Approved"), Some("alice"));
+    orphaned.status = Some(agentgate_crds::ApprovalStatus {
+        phase: Some(agentgate_crds::ApprovalPhase::Expired),
+        ..Default::default()
+    });
+    assert!(
+        check(&orphaned, Some(&pending), &alice, now())
+            .unwrap_err()
+            .contains("expired")
+    );
     let forged = approval(Some("Approved"), Some("carol"));
     assert!(
         check(&forged, Some(&pending), &alice, now())

@@ -241,6 +241,42 @@ impl KubeApprovals {
     }
 }
 
+impl KubeApprovals {
+    /// After a restart: this pod's Approvals still `Pending` belong to requests whose
+    /// agent connections died with the old process. They can no longer run, so they
+    /// are marked `Expired`, saying why; a decision made later changes nothing.
+    pub async fn recover(&self) {
+        let selector = format!("agentgate.dev/pod={}", truncate(&self.pod, 63));
+        let list = match self
+            .api
+            .list(&kube::api::ListParams::default().labels(&selector))
+            .await
+        {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list this pod's Approvals after a restart");
+                return;
+            }
+        };
+        for approval in list {
+            let pending = approval.status.as_ref().and_then(|s| s.phase)
+                == Some(agentgate_crds::ApprovalPhase::Pending);
+            if !pending {
+                continue;
+            }
+            let Some(name) = approval.metadata.name else {
+                continue;
+            };
+            tracing::info!(approval = %name, "marking a request held before a restart Expired");
+            self.set_status(
+                &name,
+                json!({ "phase": "Expired", "result": { "message": "the sidecar restarted while the request was held; the agent's connection ended and it must ask again" } }),
+            )
+            .await;
+        }
+    }
+}
+
 impl ApprovalHook for KubeApprovals {
     fn decide<'a>(
         &'a self,
