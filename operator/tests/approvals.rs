@@ -300,8 +300,70 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
         !delete.is_finished(),
         "the agent's statement waits for the decision"
     );
+    // The approver's view and decision, through `kubectl agentgate` (a kubectl plugin).
+    let plugin_dir = workspace_binary("kubectl-agentgate", "kubectl-agentgate")
+        .parent()
+        .unwrap()
+        .to_owned();
+    let path = format!(
+        "{}:{}",
+        plugin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let plugin = |args: &[&str]| {
+        // `kubectl <plugin>` takes no kubectl flags before the plugin's name.
+        let out = std::process::Command::new(cp.kubectl().get_program())
+            .env("PATH", &path)
+            .arg("agentgate")
+            .args(args)
+            .args([
+                "-n",
+                &ns,
+                "--kubeconfig",
+                &cp.kubeconfig().display().to_string(),
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, listed) = plugin(&["approvals"]);
+    assert!(ok, "{listed}");
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with(first.as_str()))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(
+        line.contains("Pending")
+            && line.contains("order-deletes")
+            && line.contains("DELETE FROM orders WHERE id = 1"),
+        "{line}"
+    );
+    // bob may run the plugin, but the webhook refuses him; alice decides.
+    let (ok, refused) = plugin(&[
+        "approve",
+        &first,
+        "--reason",
+        "looks fine",
+        "--context",
+        users::BOB,
+    ]);
+    assert!(
+        !ok && refused.contains("not in the approver groups"),
+        "{refused}"
+    );
     let decided = std::time::Instant::now();
-    decide(&first, "Approved");
+    let (ok, out) = plugin(&[
+        "approve",
+        &first,
+        "--reason",
+        "ticket 4711",
+        "--context",
+        users::ALICE,
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("approved by alice"), "{out}");
     let (ok, out) = delete.join().unwrap();
     let latency = decided.elapsed();
     assert!(ok, "{out}\n{}", log());

@@ -189,9 +189,9 @@ pub async fn start_operator(
     (operator, webhook_name, admin_port)
 }
 
-/// The sidecar binary of this workspace, brought up to date (a no-op when `cargo test
-/// --workspace` has just built it).
-pub fn sidecar_binary() -> PathBuf {
+/// A binary of this workspace, brought up to date (a no-op when `cargo test --workspace`
+/// has just built it).
+pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     let dir = std::env::current_exe()
         .unwrap()
         .parent()
@@ -200,15 +200,14 @@ pub fn sidecar_binary() -> PathBuf {
         .unwrap()
         .to_path_buf();
     let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "-p",
-            "agentgate-sidecar",
-            "--bin",
-            "agentgate-sidecar",
-        ])
+        .args(["build", "-p", package, "--bin", bin])
         .status()
         .unwrap();
     assert!(status.success());
-    dir.join("agentgate-sidecar")
+    dir.join(bin)
+}
+
+/// The sidecar binary.
+pub fn sidecar_binary() -> PathBuf {
+    workspace_binary("agentgate-sidecar", "agentgate-sidecar")
 }

@@ -1,0 +1,237 @@
+//! `kubectl agentgate`: the approver's side of agentgate. It lists the requests agents'
+//! sidecars hold for a human and records decisions by patching the `Approval` — the API
+//! server and agentgate's admission webhooks do all the enforcing (who may decide,
+//! `decidedBy`, finality), so `kubectl patch` works the same.
+
+use std::process::ExitCode;
+
+use agentgate_crds::{Approval, ApprovalPhase};
+use agentgate_process::{Failure, LogFilter};
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::watcher;
+use kube::{Api, Client, Config};
+use serde_json::json;
+
+/// List, approve and deny the agent requests agentgate holds for a human.
+#[derive(Debug, Parser)]
+#[command(name = "kubectl agentgate", version)]
+struct Cli {
+    /// Namespace (default: the kubeconfig context's).
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
+    /// The kubeconfig context to use.
+    #[arg(long, global = true)]
+    context: Option<String>,
+    /// The kubeconfig file (default: $KUBECONFIG or ~/.kube/config).
+    #[arg(long, global = true)]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// Log filter for diagnostics on stderr.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List held requests: pending ones, or all with --all.
+    Approvals {
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Every phase, not only Pending.
+        #[arg(long)]
+        all: bool,
+        /// Keep listing new and changed Approvals as they come.
+        #[arg(short, long)]
+        watch: bool,
+    },
+    /// Approve a held request.
+    Approve {
+        /// The Approval's name (`apr-…`).
+        name: String,
+        /// Why (kept on the Approval and in the audit trail).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Deny a held request.
+    Deny {
+        /// The Approval's name (`apr-…`).
+        name: String,
+        /// Why (the agent is told).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+impl LogFilter for Cli {
+    fn log_filter(&self) -> &str {
+        &self.log
+    }
+}
+
+fn main() -> ExitCode {
+    agentgate_process::main("kubectl-agentgate", |cli: Cli, _shutdown| run(cli))
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let options = KubeConfigOptions {
+        context: cli.context.clone(),
+        ..Default::default()
+    };
+    let config = match &cli.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path).map_err(Failure::config)?;
+            Config::from_custom_kubeconfig(kubeconfig, &options).await
+        }
+        None => Config::from_kubeconfig(&options).await,
+    }
+    .map_err(|e| Failure::config(format!("no usable kubeconfig: {e}")))?;
+    let namespace = cli
+        .namespace
+        .clone()
+        .unwrap_or_else(|| config.default_namespace.clone());
+    let client = Client::try_from(config).map_err(Failure::config)?;
+    let failed = |e: kube::Error| Failure {
+        code: 1,
+        reason: match e {
+            kube::Error::Api(status) => status.message,
+            other => other.to_string(),
+        },
+    };
+    match cli.command {
+        Command::Approvals {
+            all_namespaces,
+            all,
+            watch,
+        } => {
+            let api: Api<Approval> = if all_namespaces {
+                Api::all(client)
+            } else {
+                Api::namespaced(client, &namespace)
+            };
+            println!("{}", header(all_namespaces));
+            if watch {
+                let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));
+                while let Some(event) = events.next().await {
+                    match event {
+                        Ok(watcher::Event::Apply(a) | watcher::Event::InitApply(a))
+                            if all || is_pending(&a) =>
+                        {
+                            println!("{}", row(&a, all_namespaces));
+                        }
+                        Ok(_) => {}
+                        Err(e) => eprintln!("kubectl-agentgate: watch: {e}"),
+                    }
+                }
+                return Ok(());
+            }
+            let mut list = api.list(&Default::default()).await.map_err(failed)?.items;
+            list.sort_by_key(|a| a.metadata.creation_timestamp.clone().map(|t| t.0));
+            for a in list.iter().filter(|a| all || is_pending(a)) {
+                println!("{}", row(a, all_namespaces));
+            }
+            Ok(())
+        }
+        Command::Approve { name, reason } => decide(client, &namespace, &name, "Approved", &reason)
+            .await
+            .map_err(failed),
+        Command::Deny { name, reason } => decide(client, &namespace, &name, "Denied", &reason)
+            .await
+            .map_err(failed),
+    }
+}
+
+async fn decide(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    decision: &str,
+    reason: &str,
+) -> Result<(), kube::Error> {
+    let api: Api<Approval> = Api::namespaced(client, namespace);
+    let patch = json!({ "spec": { "decision": decision, "reason": reason } });
+    let decided = api
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
+    println!(
+        "approval.agentgate.dev/{name} {} by {}",
+        decision.to_lowercase(),
+        decided.spec.decided_by.as_deref().unwrap_or("?")
+    );
+    Ok(())
+}
+
+fn is_pending(a: &Approval) -> bool {
+    a.spec.decision.is_none()
+        && a.status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_none_or(|p| p == ApprovalPhase::Pending)
+}
+
+fn header(namespaces: bool) -> String {
+    let ns = if namespaces {
+        format!("{:<20} ", "NAMESPACE")
+    } else {
+        String::new()
+    };
+    format!(
+        "{ns}{:<12} {:<9} {:<6} {:<24} {:<16} {:<20} SUMMARY",
+        "NAME", "PHASE", "AGE", "REQUESTER", "CONNECTION", "RULE"
+    )
+}
+
+fn row(a: &Approval, namespaces: bool) -> String {
+    let ns = if namespaces {
+        format!("{:<20} ", a.metadata.namespace.as_deref().unwrap_or(""))
+    } else {
+        String::new()
+    };
+    let phase = a
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .map_or_else(|| "Pending".to_owned(), |p| format!("{p:?}"));
+    let age = a.metadata.creation_timestamp.as_ref().map_or_else(
+        || "?".to_owned(),
+        |t| age(Timestamp::now().duration_since(t.0).as_secs()),
+    );
+    let requester = a
+        .spec
+        .requester
+        .email
+        .clone()
+        .unwrap_or_else(|| a.spec.requester.subject.clone());
+    let summary: String = a
+        .spec
+        .request
+        .summary
+        .replace('\n', " ")
+        .chars()
+        .take(80)
+        .collect();
+    format!(
+        "{ns}{:<12} {:<9} {:<6} {:<24} {:<16} {:<20} {summary}",
+        a.metadata.name.as_deref().unwrap_or(""),
+        phase,
+        age,
+        requester,
+        a.spec.connection,
+        a.spec.rule
+    )
+}
+
+/// `42s`, `7m`, `3h`, `2d`, as kubectl shows ages.
+fn age(seconds: i64) -> String {
+    match seconds.max(0) {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
