@@ -27,6 +27,7 @@ use crate::policy::{Approvers, GrantScope, SqlStatementKind};
     printcolumn = r#"{"name":"Rule","type":"string","jsonPath":".spec.rule","description":"The policy rule that asked for approval"}"#,
     printcolumn = r#"{"name":"Requester","type":"string","jsonPath":".spec.requester.subject","description":"Who launched the agent"}"#,
     printcolumn = r#"{"name":"Summary","type":"string","jsonPath":".spec.request.summary","description":"The request (masked)"}"#,
+    printcolumn = r#"{"name":"Est-Rows","type":"integer","jsonPath":".spec.request.impact.estimatedRows","description":"Rows the planner estimates the statement changes"}"#,
     printcolumn = r#"{"name":"Decided-By","type":"string","jsonPath":".spec.decidedBy","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -97,6 +98,22 @@ pub struct HeldRequest {
     /// What the classifier found.
     #[serde(default)]
     pub classification: Classification,
+    /// What running it would touch, estimated before it runs (for SQL UPDATE and
+    /// DELETE: the planner's row estimate from `EXPLAIN`, never `EXPLAIN ANALYZE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub impact: Option<Impact>,
+}
+
+/// An estimate of what a held request would touch.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Impact {
+    /// Rows the statement would change, as the planner estimates them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_rows: Option<i64>,
+    /// How the estimate was made, or why there is none.
+    #[schemars(length(max = 1024))]
+    pub detail: String,
 }
 
 /// Protocol-specific facts about a request.

@@ -163,7 +163,7 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
             "agentSelector": {}, "connections": ["orders-db"],
             "rules": [
                 { "name": "reads", "match": { "sql": { "statements": ["select"] } }, "action": "allow" },
-                rule("order-deletes", "public.orders", json!({ "grant": "once" })),
+                rule("order-deletes", "public.orders", json!({ "grant": "once", "maxEstimatedRows": 5 })),
                 rule("log-deletes", "public.audit_log", json!({ "grant": "fingerprint", "grantTTL": "10m" })),
                 rule("slow-deletes", "public.slow", json!({ "timeout": "2s" })),
             ] } }]
@@ -296,6 +296,8 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
         "DELETE FROM orders WHERE id = 1"
     );
     assert_eq!(get(&first, "{.spec.agent.pod}"), "claude-7f9c");
+    // The impact preview: the planner's estimate, from EXPLAIN (never ANALYZE).
+    assert_eq!(get(&first, "{.spec.request.impact.estimatedRows}"), "1");
     assert!(
         !delete.is_finished(),
         "the agent's statement waits for the decision"
@@ -379,6 +381,10 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
             .then_some(())
     })
     .await;
+
+    // Above approval.maxEstimatedRows a statement is refused at once, with no Approval.
+    let (ok, out) = run("DELETE FROM orders WHERE id > 0").join().unwrap();
+    assert!(!ok && out.contains("maxEstimatedRows (5)"), "{out}");
 
     // 2. `grant: once`: the next DELETE is held again; denied, the agent is told why.
     let again = run("DELETE FROM orders WHERE id = 2");

@@ -186,7 +186,10 @@ pub async fn handle(
 
     // 4. approve
     let summary = format!("{} {}", req.method(), req.uri().path());
-    if let Err(refusal) = gw.approve(&evaluation, &attrs, &summary, &mut record).await {
+    if let Err(refusal) = gw
+        .approve(&evaluation, &attrs, &summary, None, &mut record)
+        .await
+    {
         return gw.refuse(record, protocol, refusal);
     }
     if let Err(refusal) = gw.record_allowed(&mut record) {
@@ -285,6 +288,7 @@ impl Gateway {
         evaluation: &Evaluation,
         attrs: &RequestAttrs,
         summary: &str,
+        impact: Option<agentgate_crds::Impact>,
         record: &mut Record,
     ) -> Result<(), Refusal> {
         match &evaluation.decision {
@@ -295,12 +299,24 @@ impl Gateway {
                 reason: reason.clone(),
             }),
             Decision::RequireApproval { rule, approval } => {
+                let estimate = impact.as_ref().and_then(|i| i.estimated_rows);
+                if let (Some(max), Some(rows)) = (approval.settings.max_estimated_rows, estimate)
+                    && rows > max
+                {
+                    return Err(Refusal::NotApproved {
+                        rule: rule.clone(),
+                        reason: format!(
+                            "the planner estimates this changes about {rows} rows, more than approval.maxEstimatedRows ({max}) lets anyone approve; narrow it down"
+                        ),
+                    });
+                }
                 let held = HeldRequest {
                     attrs,
                     rule: rule.as_deref(),
                     policy: evaluation.policy.as_deref(),
                     approval,
                     summary,
+                    impact,
                 };
                 match self.approvals.decide(held).await {
                     ApprovalOutcome::Approved { approval } => {

@@ -131,6 +131,7 @@ impl KubeApprovals {
                 summary: truncate(request.summary, 4096),
                 fingerprint: truncate(&fingerprint(&request.attrs.target), 128),
                 classification: classification(&request.attrs.target),
+                impact: request.impact.clone(),
             },
             approvers: request.approval.settings.approvers.clone(),
             grant: request.approval.settings.grant,

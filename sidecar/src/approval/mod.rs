@@ -22,6 +22,8 @@ pub struct HeldRequest<'a> {
     pub approval: &'a ApprovalPolicy,
     /// What the approver is shown: the request as the agent sent it, masked.
     pub summary: &'a str,
+    /// What running it would touch, when the front end could estimate it.
+    pub impact: Option<agentgate_crds::Impact>,
 }
 
 /// What a held and approved request did, for its Approval's status.

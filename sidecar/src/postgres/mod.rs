@@ -165,6 +165,63 @@ impl Shared {
         }))
     }
 
+    /// The impact preview of a held UPDATE or DELETE: the planner's row estimate, asked
+    /// on the catalog connection. Never fails: an estimate that cannot be made says why.
+    async fn impact(
+        &self,
+        connection: &str,
+        upstream: &PgUpstream,
+        statement: &str,
+        parameters: Option<&[Option<Bytes>]>,
+    ) -> agentgate_crds::Impact {
+        let Some(parameters) = parameters else {
+            return agentgate_crds::Impact {
+                estimated_rows: None,
+                detail: "no estimate: the statement's parameters are in binary format".into(),
+            };
+        };
+        let mut catalogs = self.catalog.lock().await;
+        let catalog = catalogs.entry(connection.to_owned()).or_default();
+        if catalog.connection.is_none() {
+            match upstream.connect(&[]).await {
+                Ok(c) => catalog.connection = Some(c),
+                Err(e) => {
+                    return agentgate_crds::Impact {
+                        estimated_rows: None,
+                        detail: format!("no estimate: {e}"),
+                    };
+                }
+            }
+        }
+        let Some(conn) = catalog.connection.as_mut() else {
+            return agentgate_crds::Impact::default();
+        };
+        match conn.estimate_rows(statement, parameters).await {
+            Ok(rows) => agentgate_crds::Impact {
+                estimated_rows: Some(rows),
+                detail: "the planner's estimate (EXPLAIN, not run)".into(),
+            },
+            Err(e) => {
+                if matches!(
+                    e,
+                    upstream::ConnectError::Io(_) | upstream::ConnectError::Protocol(_)
+                ) {
+                    catalog.connection = None;
+                }
+                let detail = match e {
+                    upstream::ConnectError::Refused { code, message } => {
+                        format!("no estimate: EXPLAIN failed ({code}): {message}")
+                    }
+                    other => format!("no estimate: {other}"),
+                };
+                agentgate_crds::Impact {
+                    estimated_rows: None,
+                    detail: detail.chars().take(1000).collect(),
+                }
+            }
+        }
+    }
+
     /// Runs one of the sidecar's own catalog queries on the Connection's catalog
     /// connection (opened on first use, reopened after a failure).
     async fn catalog_query(

@@ -137,6 +137,16 @@ async fn send<W: AsyncWrite + Unpin>(w: &mut W, frames: &[Frame]) -> std::io::Re
     w.flush().await
 }
 
+/// A portal the agent bound.
+#[derive(Debug, Clone)]
+struct Bound {
+    statement: String,
+    /// The parameters as audit records and approvers see them (masked).
+    shown: Vec<String>,
+    /// The parameters as sent, when all are text (for an impact estimate).
+    text: Option<Vec<Option<Bytes>>>,
+}
+
 /// A statement the agent prepared, as classified.
 #[derive(Debug)]
 struct Prepared {
@@ -328,6 +338,7 @@ impl Session {
             tx,
             statements: HashMap::new(),
             portals: HashMap::new(),
+            upstream: self.upstream.clone(),
             skipping: false,
             modified: self.modified,
             out: BytesMut::new(),
@@ -424,8 +435,8 @@ struct AgentHalf {
     server: tokio::io::WriteHalf<Box<dyn super::upstream::PgStream>>,
     tx: mpsc::Sender<Pending>,
     statements: HashMap<String, Prepared>,
-    /// Portal → (statement, bind parameters for the audit record).
-    portals: HashMap<String, (String, Vec<String>)>,
+    portals: HashMap<String, Bound>,
+    upstream: Arc<PgUpstream>,
     /// After a refusal inside an extended-protocol batch: drop messages up to `Sync`.
     skipping: bool,
     modified: Arc<AtomicU64>,
@@ -510,7 +521,7 @@ impl AgentHalf {
                 // Decide before anything reaches the server; flush first so earlier
                 // messages are not held back behind an approval.
                 self.flush().await?;
-                match self.decide(&sql, &text, None, false).await {
+                match self.decide(&sql, &text, None, Some(&[]), false).await {
                     Ok(execution) => {
                         self.forward(&frame);
                         self.queue(Pending::Query(execution)).await?;
@@ -521,7 +532,7 @@ impl AgentHalf {
             Frontend::Parse { name, query } => {
                 let sql = Arc::new(classify_sql(&query));
                 self.flush().await?;
-                match self.decide(&sql, &query, None, true).await {
+                match self.decide(&sql, &query, None, None, true).await {
                     Ok(_) => {
                         self.forward(&frame);
                         self.queue(Pending::Parse).await?;
@@ -554,8 +565,18 @@ impl AgentHalf {
                     return self.refuse_in_batch(error).await;
                 }
                 let shown = self.parameters(&param_formats, &params);
-                self.portals
-                    .insert(portal.clone(), (statement.clone(), shown));
+                let text = param_formats
+                    .iter()
+                    .all(|f| *f == 0)
+                    .then(|| params.clone());
+                self.portals.insert(
+                    portal.clone(),
+                    Bound {
+                        statement: statement.clone(),
+                        shown,
+                        text,
+                    },
+                );
                 self.forward(&frame);
                 self.queue(Pending::Bind {
                     portal,
@@ -567,7 +588,12 @@ impl AgentHalf {
             Frontend::Execute { portal, .. } => {
                 // Re-checked now: the policy may have changed, the session's write
                 // budget may be spent.
-                let Some((statement, parameters)) = self.portals.get(&portal).cloned() else {
+                let Some(Bound {
+                    statement,
+                    shown: parameters,
+                    text: raw,
+                }) = self.portals.get(&portal).cloned()
+                else {
                     let error =
                         error_response("34000", &format!("portal {portal:?} does not exist"), None);
                     return self.refuse_in_batch(error).await;
@@ -585,7 +611,10 @@ impl AgentHalf {
                     return self.refuse_in_batch(error).await;
                 };
                 self.flush().await?;
-                match self.decide(&sql, &text, Some(parameters), false).await {
+                match self
+                    .decide(&sql, &text, Some(parameters), raw.as_deref(), false)
+                    .await
+                {
                     Ok(mut execution) => {
                         execution.portal = Some(portal);
                         self.forward(&frame);
@@ -702,6 +731,7 @@ impl AgentHalf {
         sql: &Arc<SqlRequest>,
         text: &str,
         parameters: Option<Vec<String>>,
+        raw_parameters: Option<&[Option<Bytes>]>,
         at_parse: bool,
     ) -> Result<Box<Execution>, Frame> {
         let runtime: Arc<Runtime> = self.gw.config.load_full();
@@ -746,9 +776,25 @@ impl AgentHalf {
             let masked = evaluation.masking.mask_bytes(shown.as_bytes(), &mut report);
             let masked = self.gw.audit_masking.mask_bytes(&masked, &mut report);
             let summary = String::from_utf8_lossy(&masked);
+            let impact = match (&evaluation.decision, &sql.statements[..]) {
+                (agentgate_policy::Decision::RequireApproval { .. }, [one])
+                    if matches!(
+                        one.kind,
+                        SqlStatementKind::Update | SqlStatementKind::Delete
+                    ) =>
+                {
+                    Some(
+                        self.gw
+                            .postgres
+                            .impact(&self.connection, &self.upstream, text, raw_parameters)
+                            .await,
+                    )
+                }
+                _ => None,
+            };
             if let Err(refusal) = self
                 .gw
-                .approve(&evaluation, &attrs, &summary, &mut record)
+                .approve(&evaluation, &attrs, &summary, impact, &mut record)
                 .await
             {
                 return Err(refuse(&mut record, refusal));

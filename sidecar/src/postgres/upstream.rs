@@ -382,6 +382,77 @@ impl Established {
     }
 }
 
+impl Established {
+    /// The planner's estimate of the rows a single UPDATE or DELETE changes: `EXPLAIN
+    /// (FORMAT JSON)` — never `ANALYZE`, so nothing runs — over the extended protocol,
+    /// which refuses more than one statement, with the agent's text-format parameters.
+    pub async fn estimate_rows(
+        &mut self,
+        statement: &str,
+        parameters: &[Option<Bytes>],
+    ) -> Result<i64, ConnectError> {
+        let mut out = BytesMut::new();
+        let mut parse = BytesMut::new();
+        parse.put_u8(0);
+        parse.put_slice(b"EXPLAIN (FORMAT JSON) ");
+        parse.put_slice(statement.as_bytes());
+        parse.put_u8(0);
+        parse.put_i16(0);
+        Frame::new(b'P', parse).encode(&mut out);
+        let mut bind = BytesMut::new();
+        bind.put_slice(&[0, 0]);
+        bind.put_i16(0);
+        bind.put_i16(i16::try_from(parameters.len()).unwrap_or(i16::MAX));
+        for p in parameters {
+            match p {
+                None => bind.put_i32(-1),
+                Some(v) => {
+                    bind.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
+                    bind.put_slice(v);
+                }
+            }
+        }
+        bind.put_i16(0);
+        Frame::new(b'B', bind).encode(&mut out);
+        Frame::new(b'E', vec![0, 0, 0, 0, 0]).encode(&mut out);
+        Frame::new(b'S', Vec::new()).encode(&mut out);
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await?;
+        let (mut plan, mut error) = (None, None);
+        loop {
+            let frame = read_frame(&mut self.stream, &mut self.buf).await?;
+            match frame.tag {
+                b'D' => {
+                    plan = parse_data_row(&frame.body)?
+                        .first()
+                        .copied()
+                        .flatten()
+                        .and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok());
+                }
+                b'E' => error = Some(refused(&frame)),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        if let Some(e) = error {
+            return Err(e);
+        }
+        // A write's top node (ModifyTable) plans 0 rows; what it changes is its input's.
+        let top = plan
+            .as_ref()
+            .and_then(|p| p.get(0)?.get("Plan"))
+            .ok_or_else(|| ConnectError::Protocol("EXPLAIN returned no plan".into()))?;
+        let node = match top.get("Node Type").and_then(|t| t.as_str()) {
+            Some("ModifyTable") => top.get("Plans").and_then(|p| p.get(0)).unwrap_or(top),
+            _ => top,
+        };
+        node.get("Plan Rows")
+            .and_then(serde_json::Value::as_f64)
+            .map(|rows| rows.round() as i64)
+            .ok_or_else(|| ConnectError::Protocol("the plan has no row estimate".into()))
+    }
+}
+
 /// The agent's startup parameters that are passed to the server: presentation settings
 /// only. `user`, `database`, `options` (which could set the role or search path) and
 /// `replication` are never taken from the agent.
