@@ -495,6 +495,30 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
         "1"
     );
     drop(sidecar);
+
+    // The audit trail has the hold, the decision and the execution of the first DELETE.
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    let events: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of_first = |kind: &str| {
+        events.iter().any(|e| {
+            e["kind"] == kind
+                && (kind == "held" && e["request"]["sql"] == "DELETE FROM orders WHERE id = $1"
+                    || e["approval"] == first.as_str())
+        })
+    };
+    assert!(
+        of_first("held") && of_first("decision") && of_first("completed"),
+        "{audit}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["approval"] == first.as_str() && e["rowsAffected"] == 1),
+        "{audit}"
+    );
 }
 
 /// Lets the control plane's users patch Approvals in `ns` (the chart's

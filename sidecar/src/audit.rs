@@ -55,6 +55,9 @@ pub struct AuditEvent {
     /// Values masked, by detector.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub masked: BTreeMap<String, u64>,
+    /// The Approval that held the request (its decision and outcome are on it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<String>,
     /// SQL: rows sent to the agent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rows_returned: Option<u64>,

@@ -310,6 +310,19 @@ impl Gateway {
                         ),
                     });
                 }
+                // Held: recorded before anyone is asked, so a request that never comes
+                // back (a crash, a timeout) still has its trace.
+                let mut held_event = record.event.clone();
+                held_event.kind = "held";
+                held_event.decision = "approve".into();
+                if let Err(e) = self.audit.record(&held_event) {
+                    self.metrics
+                        .audit_failures
+                        .with_label_values(&[self.audit.sink()])
+                        .inc();
+                    tracing::error!(error = %e, "refusing a request because its hold cannot be recorded");
+                    return Err(Refusal::AuditUnavailable);
+                }
                 let held = HeldRequest {
                     attrs,
                     rule: rule.as_deref(),
@@ -321,6 +334,7 @@ impl Gateway {
                 match self.approvals.decide(held).await {
                     ApprovalOutcome::Approved { approval } => {
                         record.event.reason = Some(format!("approved in {approval}"));
+                        record.event.approval = Some(approval.clone());
                         record.approval = Some(approval);
                         Ok(())
                     }
