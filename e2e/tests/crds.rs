@@ -733,9 +733,19 @@ async fn kubectl_get_agentgate_prints_the_columns() {
         .await
         .expect("valid AgentSession");
 
-    let out = cp
-        .kubectl_output(&["get", "agentgate", "-n", &ns])
-        .expect("kubectl get agentgate");
+    // kubectl learns the `agentgate` category from discovery, which it caches: a fresh
+    // control plane's new CRDs may take a moment to show there.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let out = loop {
+        match cp.kubectl_output(&["get", "agentgate", "-n", &ns]) {
+            Ok(out) => break out,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("retrying kubectl get agentgate: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("kubectl get agentgate: {e}"),
+        }
+    };
     let lines: Vec<Vec<&str>> = out
         .lines()
         .map(|l| l.split_whitespace().collect())
@@ -775,6 +785,7 @@ async fn kubectl_get_agentgate_prints_the_columns() {
             "RULE",
             "REQUESTER",
             "SUMMARY",
+            "EST-ROWS",
             "AGE"
         ]),
         "{out}"

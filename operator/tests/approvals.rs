@@ -135,7 +135,9 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
              CREATE TABLE audit_log (id int, line text);
              INSERT INTO audit_log SELECT g, 'line ' || g FROM generate_series(1, 10) g;
              CREATE TABLE slow (id int);
-             GRANT ALL ON orders, audit_log, slow TO app;",
+             CREATE TABLE staging (id int);
+             INSERT INTO staging VALUES (1), (2);
+             GRANT ALL ON orders, audit_log, slow, staging TO app;",
         )
         .unwrap()
     })
@@ -166,6 +168,7 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
                 rule("order-deletes", "public.orders", json!({ "grant": "once", "maxEstimatedRows": 5 })),
                 rule("log-deletes", "public.audit_log", json!({ "grant": "fingerprint", "grantTTL": "10m" })),
                 rule("slow-deletes", "public.slow", json!({ "timeout": "2s" })),
+                rule("staging-deletes", "public.staging", json!({ "mode": "retry" })),
             ] } }]
     });
     std::fs::write(dir.path().join("bundle.json"), bundle.to_string()).unwrap();
@@ -441,7 +444,38 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
         .unwrap();
     assert!(phases.contains("Expired"), "{phases}");
 
-    // 5. The sidecar dies while a request is held: the agent's connection ends (nothing
+    // 5. `mode: retry`: refused at once naming the Approval; once approved, the same
+    // request passes when it comes back — once.
+    let (ok, out) = run("DELETE FROM staging WHERE id = 1").join().unwrap();
+    assert!(
+        !ok && out.contains("retry this request after it is approved"),
+        "{out}"
+    );
+    let name = out
+        .split_whitespace()
+        .find(|w| w.starts_with("apr-"))
+        .unwrap()
+        .trim_end_matches(|c: char| !c.is_alphanumeric())
+        .to_owned();
+    let (ok, out) = run("DELETE FROM staging WHERE id = 1").join().unwrap();
+    assert!(
+        !ok && out.contains(&format!("still waiting for Approval {name}")),
+        "{out}"
+    );
+    decide(&name, "Approved");
+    wait_for("the retry approval to be seen", log, async || {
+        (get(&name, "{.status.phase}") == "Approved").then_some(())
+    })
+    .await;
+    let (ok, out) = run("DELETE FROM staging WHERE id = 1").join().unwrap();
+    assert!(ok && out.contains("DELETE 1"), "{out}");
+    let (ok, out) = run("DELETE FROM staging WHERE id = 1").join().unwrap();
+    assert!(
+        !ok && out.contains("held for approval in Approval"),
+        "the approval was spent: {out}"
+    );
+
+    // 6. The sidecar dies while a request is held: the agent's connection ends (nothing
     // hangs), and the restarted sidecar marks the orphaned Approval Expired.
     let known: Vec<String> = cp
         .kubectl_output(&[

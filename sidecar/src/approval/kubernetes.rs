@@ -8,14 +8,15 @@
 //! path) through on this Connection until `grantTTL`; `session` lets this requester's
 //! requests on this Connection through until `grantTTL`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentgate_crds::{
-    AgentRef, Approval, ApprovalSpec, Classification, Decision, GrantScope, HeldRequest as Held,
-    RequesterIdentity,
+    AgentRef, Approval, ApprovalMode, ApprovalSpec, Classification, Decision, GrantScope,
+    HeldRequest as Held, RequesterIdentity,
 };
 use agentgate_policy::Target;
 use futures::StreamExt;
@@ -25,6 +26,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 use super::{ApprovalHook, ApprovalOutcome, Executed, HeldRequest};
 
@@ -35,7 +37,18 @@ pub struct KubeApprovals {
     pod: String,
     namespace: String,
     service_account: Option<String>,
-    grants: Mutex<Vec<Grant>>,
+    grants: Arc<Mutex<Vec<Grant>>>,
+    /// `mode: retry`: the requests refused while their Approval is open, by request.
+    retries: Arc<Mutex<HashMap<String, Retry>>>,
+}
+
+/// Where a `mode: retry` request stands.
+#[derive(Debug, Clone)]
+enum Retry {
+    /// Asked in this Approval; not decided yet.
+    Pending(String),
+    /// Approved in this Approval: the same request passes once when it comes back.
+    Approved(String),
 }
 
 #[derive(Debug, Clone)]
@@ -59,7 +72,8 @@ impl KubeApprovals {
             pod: pod.to_owned(),
             namespace: namespace.to_owned(),
             service_account,
-            grants: Mutex::new(Vec::new()),
+            grants: Arc::default(),
+            retries: Arc::default(),
         }
     }
 
@@ -150,38 +164,13 @@ impl KubeApprovals {
     }
 
     async fn set_status(&self, name: &str, status: serde_json::Value) {
-        let patch = Patch::Merge(json!({ "status": status }));
-        if let Err(e) = self
-            .api
-            .patch_status(name, &PatchParams::default(), &patch)
-            .await
-        {
-            tracing::warn!(approval = name, error = %e, "cannot record the Approval's status");
-        }
+        set_status(&self.api, name, status).await;
     }
 
-    /// Waits on a watch of `name` until it carries a decision; `None` on timeout or when
-    /// the watch cannot be kept.
-    async fn wait(&self, name: &str, timeout: Duration) -> Option<Approval> {
-        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let decided = async {
-            let mut events = std::pin::pin!(watcher(self.api.clone(), config));
-            while let Some(event) = events.next().await {
-                match event {
-                    Ok(watcher::Event::Apply(a) | watcher::Event::InitApply(a))
-                        if a.spec.decision.is_some() =>
-                    {
-                        return Some(a);
-                    }
-                    Ok(watcher::Event::Delete(_)) => return None,
-                    Ok(_) => {}
-                    // The watcher retries by itself; keep waiting until the timeout.
-                    Err(e) => tracing::debug!(approval = name, error = %e, "approval watch error"),
-                }
-            }
-            None
-        };
-        tokio::time::timeout(timeout, decided).await.ok().flatten()
+    fn retries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Retry>> {
+        self.retries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     async fn hold(&self, request: HeldRequest<'_>) -> ApprovalOutcome {
@@ -190,54 +179,91 @@ impl KubeApprovals {
                 approval: format!("{approval} (grant)"),
             };
         }
+        let settings = &request.approval.settings;
+        let approvers = settings.approvers.groups.join(", ");
+        // `mode: retry`: the same request (same text and parameters, requester and
+        // Connection) is refused until its Approval is approved, then passes once.
+        let retry_key = (settings.mode == ApprovalMode::Retry).then(|| {
+            let subject = request
+                .attrs
+                .identity
+                .as_ref()
+                .map_or("", |i| i.subject.as_str());
+            let digest = Sha256::digest(request.summary.as_bytes());
+            format!(
+                "{}:{subject}:{}",
+                request.attrs.connection,
+                hex::encode(&digest[..16])
+            )
+        });
+        if let Some(key) = &retry_key {
+            // (The guard must be gone before the match arms lock again.)
+            let state = self.retries().get(key).cloned();
+            match state {
+                Some(Retry::Approved(name)) => {
+                    self.retries().remove(key);
+                    return ApprovalOutcome::Approved { approval: name };
+                }
+                Some(Retry::Pending(name)) => {
+                    return ApprovalOutcome::Refused {
+                        reason: format!(
+                            "still waiting for Approval {name}; retry this request after it is approved"
+                        ),
+                    };
+                }
+                None => {}
+            }
+        }
         let name = approval_name();
         let object = self.approval_object(&name, &request);
         if let Err(e) = self.api.create(&PostParams::default(), &object).await {
             tracing::error!(error = %e, "cannot create an Approval");
             return ApprovalOutcome::Refused {
                 reason: format!(
-                    "this request needs a human's approval (approvers: {}), but the Approval could not be created: {e}",
-                    request.approval.settings.approvers.groups.join(", ")
+                    "this request needs a human's approval (approvers: {approvers}), but the Approval could not be created: {e}"
                 ),
             };
         }
         self.set_status(&name, json!({ "phase": "Pending" })).await;
         tracing::info!(approval = %name, connection = %request.attrs.connection, "request held for approval");
-        let timeout = request.approval.timeout;
-        let Some(decided) = self.wait(&name, timeout).await else {
-            self.set_status(&name, json!({ "phase": "Expired" })).await;
-            return ApprovalOutcome::Refused {
-                reason: format!(
-                    "Approval {name} was not decided within {}s; the request was not run. Ask again when an approver ({}) is available",
-                    timeout.as_secs(),
-                    request.approval.settings.approvers.groups.join(", ")
-                ),
-            };
+        let settle = Settle {
+            api: self.api.clone(),
+            grants: self.grants.clone(),
+            name: name.clone(),
+            timeout: request.approval.timeout,
+            approvers: approvers.clone(),
+            grant: Self::grant_key(settings.grant, &request).map(|key| {
+                (
+                    request.attrs.connection.clone(),
+                    key,
+                    request.approval.grant_ttl,
+                )
+            }),
         };
-        let now = Timestamp::now().to_string();
-        let by = decided.spec.decided_by.clone().unwrap_or_default();
-        let reason = decided.spec.reason.clone().unwrap_or_default();
-        match decided.spec.decision {
-            Some(Decision::Approved) => {
-                self.set_status(&name, json!({ "phase": "Approved", "decidedAt": now }))
-                    .await;
-                if let Some(key) = Self::grant_key(request.approval.settings.grant, &request) {
-                    self.grants().push(Grant {
-                        connection: request.attrs.connection.clone(),
-                        key,
-                        until: Instant::now() + request.approval.grant_ttl,
-                        approval: name.clone(),
-                    });
+        let Some(key) = retry_key else {
+            return settle.run().await;
+        };
+        self.retries()
+            .insert(key.clone(), Retry::Pending(name.clone()));
+        let retries = self.retries.clone();
+        tokio::spawn(async move {
+            let outcome = settle.run().await;
+            let mut retries = retries
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match outcome {
+                ApprovalOutcome::Approved { approval } => {
+                    retries.insert(key, Retry::Approved(approval));
                 }
-                ApprovalOutcome::Approved { approval: name }
-            }
-            _ => {
-                self.set_status(&name, json!({ "phase": "Denied", "decidedAt": now }))
-                    .await;
-                ApprovalOutcome::Refused {
-                    reason: format!("Approval {name} was denied by {by}: {reason}"),
+                ApprovalOutcome::Refused { .. } => {
+                    retries.remove(&key);
                 }
             }
+        });
+        ApprovalOutcome::Refused {
+            reason: format!(
+                "held for approval in Approval {name} (approvers: {approvers}); retry this request after it is approved"
+            ),
         }
     }
 }
@@ -310,6 +336,102 @@ impl ApprovalHook for KubeApprovals {
                 tracing::warn!(approval = %name, error = %e, "cannot record what the approved request did");
             }
         });
+    }
+}
+
+async fn set_status(api: &Api<Approval>, name: &str, status: serde_json::Value) {
+    let patch = Patch::Merge(json!({ "status": status }));
+    if let Err(e) = api
+        .patch_status(name, &PatchParams::default(), &patch)
+        .await
+    {
+        tracing::warn!(approval = name, error = %e, "cannot record the Approval's status");
+    }
+}
+
+/// Waits on a watch of `name` until it carries a decision; `None` on timeout or when the
+/// object goes away.
+async fn wait(api: &Api<Approval>, name: &str, timeout: Duration) -> Option<Approval> {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let decided = async {
+        let mut events = std::pin::pin!(watcher(api.clone(), config));
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(watcher::Event::Apply(a) | watcher::Event::InitApply(a))
+                    if a.spec.decision.is_some() =>
+                {
+                    return Some(a);
+                }
+                Ok(watcher::Event::Delete(_)) => return None,
+                Ok(_) => {}
+                // The watcher retries by itself; keep waiting until the timeout.
+                Err(e) => tracing::debug!(approval = name, error = %e, "approval watch error"),
+            }
+        }
+        None
+    };
+    tokio::time::timeout(timeout, decided).await.ok().flatten()
+}
+
+/// What settling an Approval needs, owned, so it can run after the request was refused
+/// (`mode: retry`).
+struct Settle {
+    api: Api<Approval>,
+    grants: Arc<Mutex<Vec<Grant>>>,
+    name: String,
+    timeout: Duration,
+    approvers: String,
+    /// The grant an approval gives, if any: (Connection, key, lifetime).
+    grant: Option<(String, String, Duration)>,
+}
+
+impl Settle {
+    /// Waits for the decision and records it: status, grant, and what the agent is told.
+    async fn run(self) -> ApprovalOutcome {
+        let name = self.name;
+        let Some(decided) = wait(&self.api, &name, self.timeout).await else {
+            set_status(&self.api, &name, json!({ "phase": "Expired" })).await;
+            return ApprovalOutcome::Refused {
+                reason: format!(
+                    "Approval {name} was not decided within {}s; the request was not run. Ask again when an approver ({}) is available",
+                    self.timeout.as_secs(),
+                    self.approvers
+                ),
+            };
+        };
+        let now = Timestamp::now().to_string();
+        let by = decided.spec.decided_by.clone().unwrap_or_default();
+        let reason = decided.spec.reason.clone().unwrap_or_default();
+        if decided.spec.decision == Some(Decision::Approved) {
+            set_status(
+                &self.api,
+                &name,
+                json!({ "phase": "Approved", "decidedAt": now }),
+            )
+            .await;
+            if let Some((connection, key, ttl)) = self.grant {
+                self.grants
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(Grant {
+                        connection,
+                        key,
+                        until: Instant::now() + ttl,
+                        approval: name.clone(),
+                    });
+            }
+            ApprovalOutcome::Approved { approval: name }
+        } else {
+            set_status(
+                &self.api,
+                &name,
+                json!({ "phase": "Denied", "decidedAt": now }),
+            )
+            .await;
+            ApprovalOutcome::Refused {
+                reason: format!("Approval {name} was denied by {by}: {reason}"),
+            }
+        }
     }
 }
 
