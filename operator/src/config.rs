@@ -78,6 +78,10 @@ pub struct Settings {
     #[arg(long, env = "AGENTGATE_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
 
+    /// How long finished Approvals (executed, failed, denied, expired) are kept.
+    #[arg(long, env = "AGENTGATE_APPROVAL_RETENTION", default_value = "168h", value_parser = parse_duration)]
+    pub approval_retention: Duration,
+
     /// Log level filter.
     #[arg(long, env = "AGENTGATE_LOG", default_value = "info")]
     pub log: String,

@@ -6,6 +6,7 @@
 //! referenced Secrets exist with the right keys and hands the sidecar only their names.
 
 pub mod admin;
+pub mod approval_watch;
 pub mod approvals;
 pub mod certs;
 pub mod config;
@@ -141,6 +142,11 @@ pub async fn run(
             instance: Some(settings.pod_name.clone()),
         },
     );
+    let watch_approvals = approval_watch::run(
+        client.clone(),
+        recorder.clone(),
+        settings.approval_retention,
+    );
     let ctx = Arc::new(reconcile::Context {
         client: client.clone(),
         recorder,
@@ -148,7 +154,10 @@ pub async fn run(
         failures: Default::default(),
     });
     if !settings.leader_election {
-        reconcile::run(ctx, shutdown).await;
+        tokio::select! {
+            () = reconcile::run(ctx, shutdown) => {}
+            () = watch_approvals => {}
+        }
         return Ok(());
     }
     let elector = leader::LeaderElector::new(
@@ -165,6 +174,7 @@ pub async fn run(
     tokio::select! {
         lost = elector.hold() => Err(lost.into()),
         () = reconcile::run(ctx, shutdown) => Ok(()),
+        () = watch_approvals => Ok(()),
     }
 }
 

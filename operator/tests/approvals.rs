@@ -94,6 +94,34 @@ async fn only_an_approver_who_is_not_the_requester_can_decide_and_decided_by_is_
         .unwrap();
     assert_eq!(decided_by, "alice");
 
+    // The operator publishes one Event for the decision.
+    wait_for("the decision's Event", String::new, async || {
+        let events = cp
+            .kubectl_output(&[
+                "get",
+                "events",
+                "-n",
+                &ns,
+                "--field-selector",
+                "involvedObject.name=apr-delete-1",
+                "-o",
+                "json",
+            ])
+            .ok()?;
+        let events: serde_json::Value = serde_json::from_str(&events).ok()?;
+        events["items"]
+            .as_array()?
+            .iter()
+            .find(|e| {
+                e["reason"] == "Approved"
+                    && e["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("by alice (ticket 4711)"))
+            })
+            .map(|_| ())
+    })
+    .await;
+
     // Nobody changes it afterwards, not even alice.
     let err = decide(
         &["--context", users::ALICE],
