@@ -31,6 +31,7 @@ bench: controlplane ## Benchmarks, each side by side with a peer, reported as ra
 	$(CARGO) bench --locked -p agentgate-sidecar --bench proxy
 	$(CARGO) bench --locked -p agentgate-sidecar --bench pgbench
 	$(CARGO) bench --locked -p agentgate-operator --bench admission
+	$(CARGO) bench --locked -p agentgate-operator --bench approval
 
 demo: controlplane ## Start a local control plane, apply the CRDs and examples, show what a user sees
 	@e2e/demo.sh up $(DEMO_DIR)

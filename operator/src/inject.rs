@@ -461,6 +461,12 @@ fn sidecar_container(config: &InjectConfig, mounts: Vec<VolumeMount>) -> Contain
                 value_from: Some(field("metadata.namespace")),
                 ..Default::default()
             },
+            // Shown on the Approvals the sidecar creates.
+            EnvVar {
+                name: "AGENTGATE_SERVICE_ACCOUNT".into(),
+                value_from: Some(field("spec.serviceAccountName")),
+                ..Default::default()
+            },
         ]),
         ports: Some(vec![ContainerPort {
             name: Some("agentgate-admin".into()),

@@ -206,28 +206,7 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
     std::fs::write(dir.path().join("credentials/db/password"), "app-pw-3b9e").unwrap();
     let admin_port = free_port();
     let log_path = dir.path().join("sidecar.log");
-    let start_sidecar = || {
-        Process(
-            std::process::Command::new(sidecar_binary())
-                .env("KUBECONFIG", cp.kubeconfig())
-                .arg("--bundle")
-                .arg(dir.path().join("bundle.json"))
-                .arg("--pod-labels")
-                .arg(dir.path().join("labels"))
-                .arg("--credentials-dir")
-                .arg(dir.path().join("credentials"))
-                .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
-                .args(["--pod-name", "claude-7f9c", "--pod-namespace", &ns])
-                .args(["--service-account", "claude"])
-                .arg("--audit")
-                .arg(format!("file:{}", dir.path().join("audit.jsonl").display()))
-                .stdout(std::process::Stdio::null())
-                .stderr(std::fs::File::create(&log_path).unwrap())
-                .spawn()
-                .unwrap(),
-            log_path.clone(),
-        )
-    };
+    let start_sidecar = || spawn_sidecar(cp, dir.path(), &ns, admin_port);
     let ready = async |log: &dyn Fn() -> String| {
         wait_for("the sidecar", log, async || {
             (http_get(admin_port, "/readyz").await?.0 == 200).then_some(())
@@ -580,41 +559,5 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
             .iter()
             .any(|e| e["approval"] == first.as_str() && e["rowsAffected"] == 1),
         "{audit}"
-    );
-}
-
-/// Lets the control plane's users patch Approvals in `ns` (the chart's
-/// agentgate-approver role): the webhooks, not RBAC, decide who may decide.
-fn apply_approver_role(cp: &ControlPlane, ns: &str) {
-    let rbac = json!({ "apiVersion": "v1", "kind": "List", "items": [
-        { "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-          "metadata": { "name": "approver", "namespace": ns },
-          "rules": [{ "apiGroups": ["agentgate.dev"], "resources": ["approvals"], "verbs": ["get", "list", "watch", "patch"] }] },
-        { "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-          "metadata": { "name": "approver", "namespace": ns },
-          "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "approver" },
-          "subjects": [
-            { "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "dba-oncall" },
-            { "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "developers" },
-            { "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": format!("system:serviceaccount:{ns}:agentgate-sidecar") } ] }
-    ]});
-    kubectl_apply(cp, &rbac.to_string());
-}
-
-fn kubectl_apply(cp: &ControlPlane, yaml: &str) {
-    let mut child = cp
-        .kubectl()
-        .args(["apply", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), yaml.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -199,10 +199,13 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf();
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-p", package, "--bin", bin])
-        .status()
-        .unwrap();
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.args(["build", "-p", package, "--bin", bin]);
+    if dir.ends_with("release") {
+        // A benchmark: the binary it runs is the optimized one.
+        cargo.arg("--release");
+    }
+    let status = cargo.status().unwrap();
     assert!(status.success());
     dir.join(bin)
 }
@@ -210,4 +213,72 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
 /// The sidecar binary.
 pub fn sidecar_binary() -> PathBuf {
     workspace_binary("agentgate-sidecar", "agentgate-sidecar")
+}
+
+/// The sidecar binary with its files in `dir` (`bundle.json`, `labels`, `credentials/`),
+/// as pod claude-7f9c of `namespace`, holding Approvals on the control plane; its log is
+/// `dir/sidecar.log`, its audit trail `dir/audit.jsonl`.
+pub fn spawn_sidecar(
+    cp: &ControlPlane,
+    dir: &std::path::Path,
+    namespace: &str,
+    admin_port: u16,
+) -> Process {
+    let log_path = dir.join("sidecar.log");
+    Process(
+        Command::new(sidecar_binary())
+            .env("KUBECONFIG", cp.kubeconfig())
+            .arg("--bundle")
+            .arg(dir.join("bundle.json"))
+            .arg("--pod-labels")
+            .arg(dir.join("labels"))
+            .arg("--credentials-dir")
+            .arg(dir.join("credentials"))
+            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+            .args(["--pod-name", "claude-7f9c", "--pod-namespace", namespace])
+            .args(["--service-account", "claude"])
+            .arg("--audit")
+            .arg(format!("file:{}", dir.join("audit.jsonl").display()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+        log_path,
+    )
+}
+
+/// Lets the control plane's users patch Approvals in `ns` (the chart's
+/// agentgate-approver role): the webhooks, not RBAC, decide who may decide.
+pub fn apply_approver_role(cp: &ControlPlane, ns: &str) {
+    let rbac = json!({ "apiVersion": "v1", "kind": "List", "items": [
+        { "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+          "metadata": { "name": "approver", "namespace": ns },
+          "rules": [{ "apiGroups": ["agentgate.dev"], "resources": ["approvals"], "verbs": ["get", "list", "watch", "patch"] }] },
+        { "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+          "metadata": { "name": "approver", "namespace": ns },
+          "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "approver" },
+          "subjects": [
+            { "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "dba-oncall" },
+            { "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "developers" },
+            { "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": format!("system:serviceaccount:{ns}:agentgate-sidecar") } ] }
+    ]});
+    kubectl_apply(cp, &rbac.to_string());
+}
+
+pub fn kubectl_apply(cp: &ControlPlane, yaml: &str) {
+    let mut child = cp
+        .kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), yaml.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
