@@ -41,6 +41,21 @@ struct Catalog {
     connection: Option<upstream::Established>,
 }
 
+impl Catalog {
+    /// The sidecar's own connection, opened on first use (and again after a failure
+    /// dropped it).
+    async fn connection(
+        &mut self,
+        upstream: &PgUpstream,
+    ) -> Result<&mut upstream::Established, upstream::ConnectError> {
+        let connection = match self.connection.take() {
+            Some(c) => c,
+            None => upstream.connect(&[]).await?,
+        };
+        Ok(self.connection.insert(connection))
+    }
+}
+
 impl Shared {
     fn register_cancel(&self, target: CancelTarget) -> (i32, Bytes) {
         let mut cancels = self
@@ -182,19 +197,14 @@ impl Shared {
         };
         let mut catalogs = self.catalog.lock().await;
         let catalog = catalogs.entry(connection.to_owned()).or_default();
-        if catalog.connection.is_none() {
-            match upstream.connect(&[]).await {
-                Ok(c) => catalog.connection = Some(c),
-                Err(e) => {
-                    return agentgate_crds::Impact {
-                        estimated_rows: None,
-                        detail: format!("no estimate: {e}"),
-                    };
-                }
+        let conn = match catalog.connection(upstream).await {
+            Ok(c) => c,
+            Err(e) => {
+                return agentgate_crds::Impact {
+                    estimated_rows: None,
+                    detail: format!("no estimate: {e}"),
+                };
             }
-        }
-        let Some(conn) = catalog.connection.as_mut() else {
-            return agentgate_crds::Impact::default();
         };
         match conn.estimate_rows(statement, parameters).await {
             Ok(rows) => agentgate_crds::Impact {
@@ -232,16 +242,14 @@ impl Shared {
     ) -> Option<Vec<Vec<Option<String>>>> {
         let mut catalogs = self.catalog.lock().await;
         let catalog = catalogs.entry(connection.to_owned()).or_default();
-        if catalog.connection.is_none() {
-            match upstream.connect(&[]).await {
-                Ok(c) => catalog.connection = Some(c),
-                Err(e) => {
-                    tracing::warn!(connection, error = %e, "cannot open the catalog connection; masking what cannot be looked up");
-                    return None;
-                }
+        let conn = match catalog.connection(upstream).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(connection, error = %e, "cannot open the catalog connection; masking what cannot be looked up");
+                return None;
             }
-        }
-        match catalog.connection.as_mut()?.simple_query(sql).await {
+        };
+        match conn.simple_query(sql).await {
             Ok(rows) => Some(rows),
             Err(e) => {
                 tracing::warn!(connection, error = %e, "catalog look-up failed; masking what cannot be looked up");
