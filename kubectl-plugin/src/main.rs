@@ -181,8 +181,8 @@ fn header(namespaces: bool) -> String {
         String::new()
     };
     format!(
-        "{ns}{:<12} {:<9} {:<6} {:<24} {:<16} {:<20} SUMMARY",
-        "NAME", "PHASE", "AGE", "REQUESTER", "CONNECTION", "RULE"
+        "{ns}{:<12} {:<9} {:<6} {:<24} {:<16} {:<20} {:<9} SUMMARY",
+        "NAME", "PHASE", "AGE", "REQUESTER", "CONNECTION", "RULE", "EST-ROWS"
     )
 }
 
@@ -215,14 +215,23 @@ fn row(a: &Approval, namespaces: bool) -> String {
         .chars()
         .take(80)
         .collect();
+    // The planner's estimate of the rows a held UPDATE/DELETE changes.
+    let estimate = a
+        .spec
+        .request
+        .impact
+        .as_ref()
+        .and_then(|i| i.estimated_rows)
+        .map_or_else(|| "-".to_owned(), |n| n.to_string());
     format!(
-        "{ns}{:<12} {:<9} {:<6} {:<24} {:<16} {:<20} {summary}",
+        "{ns}{:<12} {:<9} {:<6} {:<24} {:<16} {:<20} {:<9} {summary}",
         a.metadata.name.as_deref().unwrap_or(""),
         phase,
         age,
         requester,
         a.spec.connection,
-        a.spec.rule
+        a.spec.rule,
+        estimate
     )
 }
 

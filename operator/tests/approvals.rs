@@ -348,7 +348,8 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
         .unwrap_or_else(|| panic!("{listed}"));
     assert!(
         line.contains("Pending")
-            && line.contains("order-deletes")
+            // the rule, then the planner's estimate
+            && line.contains(&format!("{:<20} {:<9} ", "order-deletes", "1"))
             && line.contains("DELETE FROM orders WHERE id = 1"),
         "{line}"
     );
