@@ -185,9 +185,16 @@ pub async fn handle(
     record.event.rule = evaluation.decision.rule().map(str::to_owned);
 
     // 4. approve
-    let summary = format!("{} {}", req.method(), req.uri().path());
+    // The approver sees the method and path, masked like an audit record (a path can
+    // carry a key).
+    let summary = || {
+        let shown = format!("{} {}", req.method(), req.uri().path());
+        let mut report = MaskReport::default();
+        String::from_utf8_lossy(&gw.audit_masking.mask_bytes(shown.as_bytes(), &mut report))
+            .into_owned()
+    };
     if let Err(refusal) = gw
-        .approve(&evaluation, &attrs, &summary, None, &mut record)
+        .approve(&evaluation, &attrs, summary, None, &mut record)
         .await
     {
         return gw.refuse(record, protocol, refusal);
@@ -287,7 +294,7 @@ impl Gateway {
         &self,
         evaluation: &Evaluation,
         attrs: &RequestAttrs,
-        summary: &str,
+        summary: impl FnOnce() -> String,
         impact: Option<agentgate_crds::Impact>,
         record: &mut Record,
     ) -> Result<(), Refusal> {
@@ -323,12 +330,15 @@ impl Gateway {
                     tracing::error!(error = %e, "refusing a request because its hold cannot be recorded");
                     return Err(Refusal::AuditUnavailable);
                 }
+                // Built only here: what the approver sees costs nothing on the requests
+                // that need no approval.
+                let summary = summary();
                 let held = HeldRequest {
                     attrs,
                     rule: rule.as_deref(),
                     policy: evaluation.policy.as_deref(),
                     approval,
-                    summary,
+                    summary: &summary,
                     impact,
                 };
                 match self.approvals.decide(held).await {

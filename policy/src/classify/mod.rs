@@ -8,7 +8,7 @@ mod sql;
 
 pub use http::{classify_http, normalize_host, normalize_path};
 pub use kubernetes::classify_kubernetes;
-pub use sql::{DANGEROUS_FUNCTIONS, MAX_NESTING, MAX_SQL_BYTES, classify_sql};
+pub use sql::classify_sql;
 
 /// Why a request could not be classified.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

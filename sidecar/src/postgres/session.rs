@@ -394,8 +394,8 @@ struct Execution {
     max_rows: Option<u64>,
     /// The portal, for extended-protocol executions (its rows count across Executes).
     portal: Option<String>,
-    /// Every table the statements touch.
-    tables: Vec<String>,
+    /// The statements, as classified.
+    sql: Arc<SqlRequest>,
     /// The current result's columns.
     columns: Vec<Column>,
     /// Whether `columns` has been worked out for the current result.
@@ -736,12 +736,6 @@ impl AgentHalf {
     ) -> Result<Box<Execution>, Frame> {
         let runtime: Arc<Runtime> = self.gw.config.load_full();
         let mut record = self.record(summary(sql));
-        // What an approver is shown: the statement as sent, and its parameters, masked.
-        let mut shown = text.to_owned();
-        if let Some(p) = parameters.as_ref().filter(|p| !p.is_empty()) {
-            shown.push_str(" -- parameters: ");
-            shown.push_str(&p.join(", "));
-        }
         record.event.parameters = parameters;
         let attrs = RequestAttrs {
             connection: self.connection.to_string(),
@@ -772,12 +766,28 @@ impl AgentHalf {
             record.event.reason =
                 Some("needs approval; it is asked when the statement is executed".into());
         } else {
-            let mut report = MaskReport::default();
-            let masked = evaluation.masking.mask_bytes(shown.as_bytes(), &mut report);
-            let masked = self.gw.audit_masking.mask_bytes(&masked, &mut report);
-            let summary = String::from_utf8_lossy(&masked);
-            let impact = match (&evaluation.decision, &sql.statements[..]) {
-                (agentgate_policy::Decision::RequireApproval { .. }, [one])
+            // What an approver is shown: the statement as sent and its (already masked)
+            // parameters, masked as responses and audit records are.
+            let needs_approval = matches!(
+                evaluation.decision,
+                agentgate_policy::Decision::RequireApproval { .. }
+            );
+            let parameters = needs_approval
+                .then(|| record.event.parameters.clone())
+                .flatten();
+            let summary = || {
+                let mut shown = text.to_owned();
+                if let Some(p) = parameters.as_ref().filter(|p| !p.is_empty()) {
+                    shown.push_str(" -- parameters: ");
+                    shown.push_str(&p.join(", "));
+                }
+                let mut report = MaskReport::default();
+                let masked = evaluation.masking.mask_bytes(shown.as_bytes(), &mut report);
+                let masked = self.gw.audit_masking.mask_bytes(&masked, &mut report);
+                String::from_utf8_lossy(&masked).into_owned()
+            };
+            let impact = match (needs_approval, &sql.statements[..]) {
+                (true, [one])
                     if matches!(
                         one.kind,
                         SqlStatementKind::Update | SqlStatementKind::Delete
@@ -794,7 +804,7 @@ impl AgentHalf {
             };
             if let Err(refusal) = self
                 .gw
-                .approve(&evaluation, &attrs, &summary, impact, &mut record)
+                .approve(&evaluation, &attrs, summary, impact, &mut record)
                 .await
             {
                 return Err(refuse(&mut record, refusal));
@@ -823,11 +833,7 @@ impl AgentHalf {
             masking: evaluation.masking.clone(),
             max_rows: evaluation.limits.max_rows_per_query,
             portal: None,
-            tables: sql
-                .statements
-                .iter()
-                .flat_map(|s| s.tables.iter().cloned())
-                .collect(),
+            sql: sql.clone(),
             columns: Vec::new(),
             described: false,
             rows: 0,
@@ -1152,7 +1158,13 @@ impl ServerHalf {
             b'H' if e.masking.masks_columns() => {
                 // COPY names no columns: refuse it when any table it reads has a masked
                 // column (or when that cannot be looked up).
-                let (tables, masking) = (e.tables.clone(), e.masking.clone());
+                let tables: Vec<String> = e
+                    .sql
+                    .statements
+                    .iter()
+                    .flat_map(|s| s.tables.iter().cloned())
+                    .collect();
+                let masking = e.masking.clone();
                 let masked = self
                     .gw
                     .postgres
