@@ -178,8 +178,14 @@ impl HttpBody for MaskedBody {
             }
             let next = ready!(Pin::new(&mut this.inner).poll_frame(cx));
             let (data, last) = match next {
+                // The upstream's last bytes end the body: with a known length, hyper
+                // need not ask for the end once it has them.
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => (data, false),
+                    Ok(data) => {
+                        let last = this.inner.is_end_stream();
+                        this.finished = last;
+                        (data, last)
+                    }
                     // Trailers carry no body bytes; they are not passed on.
                     Err(_) => continue,
                 },
@@ -225,8 +231,11 @@ impl HttpBody for MaskedBody {
 
 impl Drop for MaskedBody {
     fn drop(&mut self) {
-        self.end(Some(
-            "the agent closed the connection before the response ended".into(),
-        ));
+        // An empty body of known length may never be polled at all.
+        let complete = self.pending.is_none() && self.inner.is_end_stream();
+        self.end(
+            (!complete)
+                .then(|| "the agent closed the connection before the response ended".to_owned()),
+        );
     }
 }
