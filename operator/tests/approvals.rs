@@ -253,49 +253,9 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
             )
         })
     };
-    let pending = async |known: &[String]| -> String {
-        wait_for("a pending Approval", log, async || {
-            let list = cp
-                .kubectl_output(&["get", "approvals", "-n", &ns, "-o", "json"])
-                .ok()?;
-            let list: serde_json::Value = serde_json::from_str(&list).ok()?;
-            list["items"].as_array()?.iter().find_map(|a| {
-                let name = a["metadata"]["name"].as_str()?.to_owned();
-                (a["status"]["phase"] == "Pending" && !known.contains(&name)).then_some(name)
-            })
-        })
-        .await
-    };
-    let get = |name: &str, path: &str| {
-        cp.kubectl_output(&[
-            "get",
-            "approval",
-            name,
-            "-n",
-            &ns,
-            "-o",
-            &format!("jsonpath={path}"),
-        ])
-        .unwrap()
-    };
-    let decide = |name: &str, decision: &str| {
-        let patch =
-            json!({ "spec": { "decision": decision, "reason": "ticket 4711" } }).to_string();
-        cp.kubectl_output(&[
-            "--context",
-            users::ALICE,
-            "patch",
-            "approval",
-            name,
-            "-n",
-            &ns,
-            "--type",
-            "merge",
-            "-p",
-            &patch,
-        ])
-        .unwrap()
-    };
+    let pending = async |known: &[String]| pending_approval(cp, &ns, known, log).await;
+    let get = |name: &str, path: &str| approval_field(cp, &ns, name, path);
+    let decide = |name: &str, decision: &str| decide_as_alice(cp, &ns, name, decision);
     apply_approver_role(cp, &ns);
 
     // 1. A DELETE is held; the approver sees it; approved, it runs and is recorded.
@@ -561,4 +521,208 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
             .any(|e| e["approval"] == first.as_str() && e["rowsAffected"] == 1),
         "{audit}"
     );
+}
+
+/// The sidecar binary in front of the real API server: a held Kubernetes write is first
+/// run as the API server's own dry run, and the Approval shows what it would do.
+#[tokio::test]
+async fn a_held_kubernetes_write_shows_the_api_servers_dry_run() {
+    let cp = ControlPlane::shared();
+    let client = cp.client().await;
+    let system = cp.namespace(&client, "agentgate-system").await;
+    let ns = cp.namespace(&client, "dry-run").await;
+    let (operator, _, _) = start_operator(cp, &client, &system, &ns).await;
+    apply_approver_role(cp, &ns);
+    let admin = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["-n", &ns]);
+        cp.kubectl_output(&all)
+            .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
+    };
+    // The Connection's credential: a service account that may write ConfigMaps.
+    admin(&["create", "serviceaccount", "agent-writer"]);
+    admin(&[
+        "create",
+        "role",
+        "configmaps",
+        "--verb=get,list,watch,create,update,patch,delete,deletecollection",
+        "--resource=configmaps",
+    ]);
+    admin(&[
+        "create",
+        "rolebinding",
+        "agent-writer",
+        "--role=configmaps",
+        &format!("--serviceaccount={ns}:agent-writer"),
+    ]);
+    let token = admin(&["create", "token", "agent-writer", "--duration=1h"]);
+    admin(&[
+        "create",
+        "configmap",
+        "settings",
+        "--from-literal=mode=slow",
+    ]);
+    for i in 1..=3 {
+        admin(&["create", "configmap", &format!("batch-{i}")]);
+        admin(&["label", "configmap", &format!("batch-{i}"), "batch=yes"]);
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_port();
+    let approval = json!({ "approvers": { "groups": ["dba-oncall"] }, "timeout": "60s" });
+    let mut bulk = approval.clone();
+    bulk["maxEstimatedRows"] = json!(2);
+    let bundle = json!({
+        "namespace": ns,
+        "connections": [{ "name": "prod-cluster", "generation": 1, "spec": {
+            "protocol": "kubernetes",
+            "upstream": { "address": cp.server(), "tls": { "caSecretRef": { "name": "cluster-ca", "key": "ca.crt" } } },
+            "credentials": { "serviceAccount": { "name": "agent-writer" } },
+            "listen": { "port": listen } } }],
+        "policies": [{ "name": "prod-agents", "generation": 1, "spec": {
+            "agentSelector": {}, "connections": ["prod-cluster"],
+            "rules": [
+                { "name": "reads", "match": { "kubernetes": { "verbs": ["get", "list", "watch"] } }, "action": "allow" },
+                { "name": "configmap-writes", "match": { "kubernetes": {
+                    "verbs": ["create", "update", "patch", "delete"], "resources": ["configmaps"] } },
+                  "action": "approve", "approval": approval },
+                { "name": "bulk-deletes", "match": { "kubernetes": {
+                    "verbs": ["deletecollection"], "resources": ["configmaps"] } },
+                  "action": "approve", "approval": bulk },
+            ] } }]
+    });
+    std::fs::write(dir.path().join("bundle.json"), bundle.to_string()).unwrap();
+    std::fs::write(dir.path().join("labels"), "app=\"agent\"\n").unwrap();
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir_all(credentials.join("cluster-ca")).unwrap();
+    std::fs::copy(cp.ca_file(), credentials.join("cluster-ca/ca.crt")).unwrap();
+    std::fs::create_dir_all(credentials.join("serviceaccount-agent-writer")).unwrap();
+    std::fs::write(
+        credentials.join("serviceaccount-agent-writer/token"),
+        token.trim(),
+    )
+    .unwrap();
+    let admin_port = free_port();
+    let log_path = dir.path().join("sidecar.log");
+    let _sidecar = spawn_sidecar(cp, dir.path(), &ns, admin_port);
+    let log = || {
+        format!(
+            "sidecar:\n{}\noperator:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default(),
+            operator.log()
+        )
+    };
+    wait_for("the sidecar", log, async || {
+        (http_get(admin_port, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+
+    // kubectl as the agent, through the sidecar, with no credential of its own; in the
+    // background, as it blocks while its request is held.
+    let kubeconfig = dir.path().join("agent.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: prod\n  cluster: {{ server: \"http://127.0.0.1:{listen}\" }}\n\
+             users:\n- name: agent\n  user: {{}}\ncontexts:\n- name: prod\n  context: {{ cluster: prod, user: agent, namespace: {ns} }}\n\
+             current-context: prod\n"
+        ),
+    )
+    .unwrap();
+    let kubectl = cp.kubectl().get_program().to_owned();
+    let agent = |args: &[&str]| {
+        let mut command = std::process::Command::new(&kubectl);
+        command.arg("--kubeconfig").arg(&kubeconfig).args(args);
+        std::thread::spawn(move || {
+            let out = command.output().unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr),
+            )
+        })
+    };
+    let get = |name: &str, path: &str| approval_field(cp, &ns, name, path);
+    let mode = || {
+        admin(&[
+            "get",
+            "configmap",
+            "settings",
+            "-o",
+            "jsonpath={.data.mode}",
+        ])
+    };
+
+    // 1. A patch: the approver sees the fields it changes, a secret in them masked; the
+    // dry run stored nothing; approved, the patch runs once.
+    let token_value = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
+    let patch = json!({ "data": { "mode": "fast", "token": token_value } }).to_string();
+    let patching = agent(&[
+        "patch",
+        "configmap",
+        "settings",
+        "--type",
+        "merge",
+        "-p",
+        &patch,
+    ]);
+    let first = pending_approval(cp, &ns, &[], log).await;
+    let detail = get(&first, "{.spec.request.impact.detail}");
+    assert!(
+        detail.starts_with(&format!("dry run: changes configmaps settings in {ns}: "))
+            && detail.contains(r#"data.mode: "slow" → "fast""#)
+            && detail.contains("data.token: (none) → ")
+            && !detail.contains("ghp_abc"),
+        "{detail}"
+    );
+    assert_eq!(mode(), "slow", "the dry run changed nothing");
+    decide_as_alice(cp, &ns, &first, "Approved");
+    let (ok, out) = patching.join().unwrap();
+    assert!(ok, "{out}\n{}", log());
+    assert_eq!(mode(), "fast");
+    wait_for(
+        "Executed",
+        || format!("{}\n{}", admin(&["get", "approvals", "-o", "yaml"]), log()),
+        async || {
+            (get(&first, "{.status.phase}") == "Executed"
+                && get(&first, "{.status.result.httpStatus}") == "200")
+                .then_some(())
+        },
+    )
+    .await;
+
+    // 2. A create the API server would refuse: the approver sees why before deciding.
+    let creating = agent(&["create", "configmap", "Bad_Name", "--from-literal=a=b"]);
+    let second = pending_approval(cp, &ns, std::slice::from_ref(&first), log).await;
+    let detail = get(&second, "{.spec.request.impact.detail}");
+    assert!(
+        detail.starts_with("the API server's dry run refuses it (422 Invalid)")
+            && detail.contains("metadata.name"),
+        "{detail}"
+    );
+    decide_as_alice(cp, &ns, &second, "Denied");
+    let (ok, out) = creating.join().unwrap();
+    assert!(
+        !ok && out.contains(&format!("Approval {second} was denied by alice")),
+        "{out}"
+    );
+
+    // 3. A deletecollection: the dry run counts what it would delete; above
+    // maxEstimatedRows it is refused at once, nobody is asked, and nothing is deleted.
+    let (ok, out) = agent(&[
+        "delete",
+        "--raw",
+        &format!("/api/v1/namespaces/{ns}/configmaps?labelSelector=batch%3Dyes"),
+    ])
+    .join()
+    .unwrap();
+    assert!(
+        !ok && out.contains("estimates this changes 3 rows or objects")
+            && out.contains("maxEstimatedRows (2)"),
+        "{out}"
+    );
+    let left = admin(&["get", "configmaps", "-l", "batch=yes", "-o", "name"]);
+    assert_eq!(left.lines().count(), 3, "{left}");
+    let approvals = admin(&["get", "approvals", "-o", "name"]);
+    assert_eq!(approvals.lines().count(), 2, "{approvals}");
 }

@@ -8,7 +8,9 @@ use std::time::Instant;
 use agentgate_crds::Protocol;
 use agentgate_policy::classify::{classify_http, classify_kubernetes};
 use agentgate_policy::masking::{MaskReport, MaskStream, MaskingProfile};
-use agentgate_policy::{Decision, EffectiveLimits, Evaluation, RequestAttrs, Target, evaluate};
+use agentgate_policy::{
+    Decision, EffectiveLimits, Evaluation, KubernetesRequest, RequestAttrs, Target, evaluate,
+};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -22,8 +24,8 @@ use tokio::net::TcpListener;
 
 use crate::approval::{ApprovalHook, ApprovalOutcome, Executed, HeldRequest};
 use crate::audit::{Audit, AuditEvent};
-use crate::body::Body;
-use crate::body::{Completion, MaskedBody, Mode};
+use crate::body::{Body, BodyError, Completion, MaskedBody, Mode};
+use crate::dry_run;
 use crate::identity::IdentityValidator;
 use crate::metrics::Metrics;
 use crate::refusal::{Refusal, refusal_response};
@@ -122,7 +124,7 @@ impl Record {
 pub async fn handle(
     gw: Arc<Gateway>,
     connection: Arc<str>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Response<Body> {
     let runtime = gw.config.load_full();
     let mut record = Record::new(&gw, &connection, json!({ "method": req.method().as_str() }));
@@ -185,6 +187,22 @@ pub async fn handle(
     record.event.rule = evaluation.decision.rule().map(str::to_owned);
 
     // 4. approve
+    let (mut req, impact) = match (&evaluation.decision, &attrs.target) {
+        (Decision::RequireApproval { rule, .. }, Target::Kubernetes(k)) if dry_run::previews(k) => {
+            match gw.preview_write(&runtime, &connection, k, req).await {
+                Ok((req, impact)) => (req, Some(impact)),
+                Err(reason) => {
+                    let refusal = Refusal::Denied {
+                        rule: rule.clone(),
+                        policy: evaluation.policy.clone(),
+                        reason,
+                    };
+                    return gw.refuse(record, protocol, refusal);
+                }
+            }
+        }
+        _ => (req.map(|body| body.map_err(BodyError::from).boxed()), None),
+    };
     // The approver sees the method and path, masked like an audit record (a path can
     // carry a key).
     let summary = || {
@@ -194,7 +212,7 @@ pub async fn handle(
             .into_owned()
     };
     if let Err(refusal) = gw
-        .approve(&evaluation, &attrs, summary, None, &mut record)
+        .approve(&evaluation, &attrs, summary, impact, &mut record)
         .await
     {
         return gw.refuse(record, protocol, refusal);
@@ -250,6 +268,59 @@ pub async fn handle(
 }
 
 impl Gateway {
+    /// The impact preview of a held Kubernetes write: its body is read (so it can be
+    /// sent twice: as the API server's dry run now, for real once approved) and the dry
+    /// run made. An error is why the request cannot be held.
+    async fn preview_write(
+        &self,
+        runtime: &Runtime,
+        connection: &str,
+        target: &KubernetesRequest,
+        req: Request<Incoming>,
+    ) -> Result<(Request<Body>, agentgate_crds::Impact), String> {
+        let limit = self.max_buffered_bytes;
+        let (parts, body) = req.into_parts();
+        let body = match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+            .collect()
+            .await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(format!(
+                    "a write held for approval is dry-run first and sent again once approved, so its body must be at most {limit} bytes"
+                ));
+            }
+            Err(e) => return Err(format!("the request body could not be read: {e}")),
+        };
+        let req = Request::from_parts(
+            parts,
+            Full::new(body.clone())
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        let impact = match runtime.upstreams.get(connection) {
+            Some(Ok(upstream)) => {
+                let write = dry_run::Write {
+                    target,
+                    method: req.method(),
+                    path_and_query: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+                    headers: req.headers(),
+                    body,
+                };
+                dry_run::preview(upstream, write, &self.audit_masking).await
+            }
+            Some(Err(e)) => agentgate_crds::Impact {
+                estimated_rows: None,
+                detail: format!("no preview: {e}"),
+            },
+            None => agentgate_crds::Impact {
+                estimated_rows: None,
+                detail: "no preview: this connection has no upstream in this sidecar".into(),
+            },
+        };
+        Ok((req, impact))
+    }
+
     /// Refuses a request: records it, counts it, answers the agent.
     fn refuse(&self, mut record: Record, protocol: Protocol, refusal: Refusal) -> Response<Body> {
         self.note_refusal(&mut record, &refusal);
@@ -306,6 +377,18 @@ impl Gateway {
                 reason: reason.clone(),
             }),
             Decision::RequireApproval { rule, approval } => {
+                // What the preview says is shown like an audit record (an error message
+                // can quote a value).
+                let impact = impact.map(|mut impact| {
+                    let mut report = MaskReport::default();
+                    if let std::borrow::Cow::Owned(masked) = self
+                        .audit_masking
+                        .mask_bytes(impact.detail.as_bytes(), &mut report)
+                    {
+                        impact.detail = String::from_utf8_lossy(&masked).into_owned();
+                    }
+                    impact
+                });
                 let estimate = impact.as_ref().and_then(|i| i.estimated_rows);
                 if let (Some(max), Some(rows)) = (approval.settings.max_estimated_rows, estimate)
                     && rows > max
@@ -313,7 +396,7 @@ impl Gateway {
                     return Err(Refusal::NotApproved {
                         rule: rule.clone(),
                         reason: format!(
-                            "the planner estimates this changes about {rows} rows, more than approval.maxEstimatedRows ({max}) lets anyone approve; narrow it down"
+                            "the impact preview estimates this changes {rows} rows or objects, more than approval.maxEstimatedRows ({max}) lets anyone approve; narrow it down"
                         ),
                     });
                 }
@@ -731,7 +814,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// The request the upstream gets: the agent's, with its credentials and identity removed
 /// and the Connection's credential injected.
-fn upstream_request(req: Request<Incoming>, upstream: &Upstream) -> Result<Request<Body>, Refusal> {
+pub(crate) fn upstream_request(
+    req: Request<Body>,
+    upstream: &Upstream,
+) -> Result<Request<Body>, Refusal> {
     let (mut parts, body) = req.into_parts();
     let upgrade = is_upgrade(&parts.headers);
     let path_and_query = parts
@@ -774,11 +860,7 @@ fn upstream_request(req: Request<Incoming>, upstream: &Upstream) -> Result<Reque
         .credential_header()
         .map_err(|e| Refusal::Upstream(e.to_string()))?;
     parts.headers.insert(name, value);
-    Ok(Request::from_parts(
-        parts,
-        body.map_err(|e| Box::new(e) as crate::body::BodyError)
-            .boxed(),
-    ))
+    Ok(Request::from_parts(parts, body))
 }
 
 /// How a response body is masked: `Ok(None)` means "buffer the whole JSON document";

@@ -11,6 +11,7 @@ pub mod approval;
 pub mod audit;
 pub mod body;
 pub mod config;
+pub(crate) mod dry_run;
 pub mod gateway;
 pub mod identity;
 pub mod metrics;
@@ -127,7 +128,7 @@ impl Sidecar {
 }
 
 /// The masking every audit record gets, whatever the policies say.
-fn audit_masking() -> agentgate_policy::masking::MaskingProfile {
+pub(crate) fn audit_masking() -> agentgate_policy::masking::MaskingProfile {
     let spec = agentgate_crds::Masking {
         detectors: vec![
             agentgate_crds::DetectorSet::Secrets,

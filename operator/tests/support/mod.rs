@@ -282,3 +282,56 @@ pub fn kubectl_apply(cp: &ControlPlane, yaml: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The first Approval in `ns` that is `Pending` and not in `known`.
+pub async fn pending_approval(
+    cp: &ControlPlane,
+    ns: &str,
+    known: &[String],
+    log: impl Fn() -> String,
+) -> String {
+    wait_for("a pending Approval", log, async || {
+        let list = cp
+            .kubectl_output(&["get", "approvals", "-n", ns, "-o", "json"])
+            .ok()?;
+        let list: serde_json::Value = serde_json::from_str(&list).ok()?;
+        list["items"].as_array()?.iter().find_map(|a| {
+            let name = a["metadata"]["name"].as_str()?.to_owned();
+            (a["status"]["phase"] == "Pending" && !known.contains(&name)).then_some(name)
+        })
+    })
+    .await
+}
+
+/// One field of an Approval, as a kubectl JSONPath prints it.
+pub fn approval_field(cp: &ControlPlane, ns: &str, name: &str, path: &str) -> String {
+    cp.kubectl_output(&[
+        "get",
+        "approval",
+        name,
+        "-n",
+        ns,
+        "-o",
+        &format!("jsonpath={path}"),
+    ])
+    .unwrap()
+}
+
+/// alice, an approver, decides an Approval (`Approved` or `Denied`) for "ticket 4711".
+pub fn decide_as_alice(cp: &ControlPlane, ns: &str, name: &str, decision: &str) {
+    let patch = json!({ "spec": { "decision": decision, "reason": "ticket 4711" } }).to_string();
+    cp.kubectl_output(&[
+        "--context",
+        agentgate_e2e::users::ALICE,
+        "patch",
+        "approval",
+        name,
+        "-n",
+        ns,
+        "--type",
+        "merge",
+        "-p",
+        &patch,
+    ])
+    .unwrap();
+}
