@@ -27,7 +27,8 @@ use crate::policy::{Approvers, GrantScope, SqlStatementKind};
     printcolumn = r#"{"name":"Rule","type":"string","jsonPath":".spec.rule","description":"The policy rule that asked for approval"}"#,
     printcolumn = r#"{"name":"Requester","type":"string","jsonPath":".spec.requester.subject","description":"Who launched the agent"}"#,
     printcolumn = r#"{"name":"Summary","type":"string","jsonPath":".spec.request.summary","description":"The request (masked)"}"#,
-    printcolumn = r#"{"name":"Est-Rows","type":"integer","jsonPath":".spec.request.impact.estimatedRows","description":"Rows the planner estimates the statement changes"}"#,
+    printcolumn = r#"{"name":"Est-Rows","type":"integer","jsonPath":".spec.request.impact.estimatedRows","description":"Rows the planner estimates the statement changes, or objects a deletecollection deletes"}"#,
+    printcolumn = r#"{"name":"Impact","type":"string","jsonPath":".spec.request.impact.detail","description":"What the impact preview says the request would do","priority":1}"#,
     printcolumn = r#"{"name":"Decided-By","type":"string","jsonPath":".spec.decidedBy","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -108,10 +109,12 @@ pub struct HeldRequest {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Impact {
-    /// Rows the statement would change, as the planner estimates them.
+    /// Rows the statement would change, as the planner estimates them; for a Kubernetes
+    /// `deletecollection`, the objects the API server's dry run would delete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimated_rows: Option<i64>,
-    /// How the estimate was made, or why there is none.
+    /// How the estimate was made, what the API server's dry run says a Kubernetes write
+    /// would do, or why there is no preview.
     #[schemars(length(max = 1024))]
     pub detail: String,
 }

@@ -215,7 +215,8 @@ fn row(a: &Approval, namespaces: bool) -> String {
         .chars()
         .take(80)
         .collect();
-    // The planner's estimate of the rows a held UPDATE/DELETE changes.
+    // The planner's estimate of the rows a held UPDATE/DELETE changes, or the objects a
+    // Kubernetes deletecollection deletes.
     let estimate = a
         .spec
         .request
@@ -223,7 +224,7 @@ fn row(a: &Approval, namespaces: bool) -> String {
         .as_ref()
         .and_then(|i| i.estimated_rows)
         .map_or_else(|| "-".to_owned(), |n| n.to_string());
-    format!(
+    let mut row = format!(
         "{ns}{:<12} {:<9} {:<6} {:<24} {:<16} {:<20} {:<9} {summary}",
         a.metadata.name.as_deref().unwrap_or(""),
         phase,
@@ -232,7 +233,22 @@ fn row(a: &Approval, namespaces: bool) -> String {
         a.spec.connection,
         a.spec.rule,
         estimate
-    )
+    );
+    // What the preview says the request would do (the planner's basis, the API server's
+    // dry run), on its own line: too long for a column.
+    if let Some(impact) = a
+        .spec
+        .request
+        .impact
+        .as_ref()
+        .filter(|i| !i.detail.is_empty())
+    {
+        row.push_str(&format!(
+            "\n    impact: {}",
+            impact.detail.replace('\n', " ")
+        ));
+    }
+    row
 }
 
 /// `42s`, `7m`, `3h`, `2d`, as kubectl shows ages.

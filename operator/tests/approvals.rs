@@ -273,39 +273,17 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
         "the agent's statement waits for the decision"
     );
     // The approver's view and decision, through `kubectl agentgate` (a kubectl plugin).
-    let plugin_dir = workspace_binary("kubectl-agentgate", "kubectl-agentgate")
-        .parent()
-        .unwrap()
-        .to_owned();
-    let path = format!(
-        "{}:{}",
-        plugin_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let plugin = |args: &[&str]| {
-        // `kubectl <plugin>` takes no kubectl flags before the plugin's name.
-        let out = std::process::Command::new(cp.kubectl().get_program())
-            .env("PATH", &path)
-            .arg("agentgate")
-            .args(args)
-            .args([
-                "-n",
-                &ns,
-                "--kubeconfig",
-                &cp.kubeconfig().display().to_string(),
-            ])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
-    };
+    let plugin = |args: &[&str]| kubectl_agentgate(cp, &ns, args);
     let (ok, listed) = plugin(&["approvals"]);
     assert!(ok, "{listed}");
     let line = listed
         .lines()
         .find(|l| l.starts_with(first.as_str()))
         .unwrap_or_else(|| panic!("{listed}"));
+    assert!(
+        listed.contains("\n    impact: the planner's estimate (EXPLAIN, not run)"),
+        "{listed}"
+    );
     assert!(
         line.contains("Pending")
             // the rule, then the planner's estimate
@@ -676,6 +654,11 @@ async fn a_held_kubernetes_write_shows_the_api_servers_dry_run() {
         "{detail}"
     );
     assert_eq!(mode(), "slow", "the dry run changed nothing");
+    let (ok, listed) = kubectl_agentgate(cp, &ns, &["approvals"]);
+    assert!(
+        ok && listed.contains(&format!("\n    impact: {detail}")),
+        "{listed}"
+    );
     decide_as_alice(cp, &ns, &first, "Approved");
     let (ok, out) = patching.join().unwrap();
     assert!(ok, "{out}\n{}", log());

@@ -335,3 +335,36 @@ pub fn decide_as_alice(cp: &ControlPlane, ns: &str, name: &str, decision: &str) 
     ])
     .unwrap();
 }
+
+/// `kubectl agentgate ARGS -n NS` (the plugin found on `PATH`, as kubectl finds plugins),
+/// as the control plane's admin unless `args` name a `--context`.
+pub fn kubectl_agentgate(cp: &ControlPlane, ns: &str, args: &[&str]) -> (bool, String) {
+    static PLUGIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let plugin_dir = PLUGIN_DIR.get_or_init(|| {
+        workspace_binary("kubectl-agentgate", "kubectl-agentgate")
+            .parent()
+            .unwrap()
+            .to_owned()
+    });
+    let path = format!(
+        "{}:{}",
+        plugin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    // `kubectl <plugin>` takes no kubectl flags before the plugin's name.
+    let out = Command::new(cp.kubectl().get_program())
+        .env("PATH", &path)
+        .arg("agentgate")
+        .args(args)
+        .args([
+            "-n",
+            ns,
+            "--kubeconfig",
+            &cp.kubeconfig().display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
