@@ -176,7 +176,7 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
     let dir = tempfile::tempdir().unwrap();
     let listen = free_port();
     let rule = |name: &str, table: &str, extra: serde_json::Value| {
-        let mut approval = json!({ "approvers": { "groups": ["dba-oncall"] }, "timeout": "60s" });
+        let mut approval = json!({ "approvers": { "groups": ["dba-oncall"] }, "timeout": "10m" });
         for (k, v) in extra.as_object().unwrap() {
             approval[k] = v.clone();
         }
@@ -257,6 +257,10 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
     let get = |name: &str, path: &str| approval_field(cp, &ns, name, path);
     let decide = |name: &str, decision: &str| decide_as_alice(cp, &ns, name, decision);
     apply_approver_role(cp, &ns);
+
+    // Nothing is held yet (this also builds the plugin before anything waits on it).
+    let (ok, listed) = kubectl_agentgate(cp, &ns, &["approvals"]);
+    assert!(ok && listed.lines().count() == 1, "{listed}");
 
     // 1. A DELETE is held; the approver sees it; approved, it runs and is recorded.
     let delete = run("DELETE FROM orders WHERE id = 1");
@@ -547,7 +551,7 @@ async fn a_held_kubernetes_write_shows_the_api_servers_dry_run() {
 
     let dir = tempfile::tempdir().unwrap();
     let listen = free_port();
-    let approval = json!({ "approvers": { "groups": ["dba-oncall"] }, "timeout": "60s" });
+    let approval = json!({ "approvers": { "groups": ["dba-oncall"] }, "timeout": "10m" });
     let mut bulk = approval.clone();
     bulk["maxEstimatedRows"] = json!(2);
     let bundle = json!({
@@ -630,6 +634,12 @@ async fn a_held_kubernetes_write_shows_the_api_servers_dry_run() {
             "jsonpath={.data.mode}",
         ])
     };
+
+    let (ok, listed) = kubectl_agentgate(cp, &ns, &["approvals"]);
+    assert!(
+        ok && listed.lines().count() == 1,
+        "nothing is held yet: {listed}"
+    );
 
     // 1. A patch: the approver sees the fields it changes, a secret in them masked; the
     // dry run stored nothing; approved, the patch runs once.
