@@ -422,6 +422,43 @@ mod tests {
         assert!(impact.detail.ends_with('…'));
     }
 
+    /// Any JSON document, a few levels deep.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            ".{0,80}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                proptest::collection::btree_map("[a-z]{1,3}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// The API server's answer is read as it comes: whatever it is, the preview is
+        /// made, fits the schema, and reports a change exactly when there is one.
+        #[test]
+        fn any_answer_gives_a_preview_that_fits(
+            before in any_json(),
+            after in any_json(),
+            status in proptest::sample::select(vec![200u16, 201, 404, 409, 422, 500]),
+            verb in proptest::sample::select(vec!["create", "update", "patch", "delete", "deletecollection"]),
+        ) {
+            static MASKING: std::sync::LazyLock<MaskingProfile> = std::sync::LazyLock::new(audit_masking);
+            let impact = describe(&target(verb, "configmaps", "x"), status, Some(&before), &after, &MASKING);
+            proptest::prop_assert!(impact.detail.len() <= MAX_DETAIL);
+            let mut found = Vec::new();
+            changes(&before, &after, String::new(), &mut found);
+            proptest::prop_assert_eq!(found.is_empty(), before == after);
+        }
+    }
+
     #[test]
     fn only_writes_the_api_server_can_dry_run_are_previewed() {
         assert!(previews(&target("patch", "deployments", "web")));
