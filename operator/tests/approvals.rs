@@ -718,4 +718,18 @@ async fn a_held_kubernetes_write_shows_the_api_servers_dry_run() {
     assert_eq!(left.lines().count(), 3, "{left}");
     let approvals = admin(&["get", "approvals", "-o", "name"]);
     assert_eq!(approvals.lines().count(), 2, "{approvals}");
+
+    // The audit trail keeps what the approver was shown.
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(
+        audit.lines().any(|l| {
+            let e: serde_json::Value = serde_json::from_str(l).unwrap();
+            e["kind"] == "held"
+                && e["impact"]["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains(r#"data.mode: "slow" → "fast""#))
+        }),
+        "{audit}"
+    );
+    assert!(!audit.contains("ghp_abc"), "{audit}");
 }

@@ -67,6 +67,9 @@ pub struct AuditEvent {
     /// SQL: the statement's bind parameters, masked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parameters: Option<Vec<String>>,
+    /// Held requests: what the impact preview showed the approver (masked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub impact: Option<agentgate_crds::Impact>,
     /// For upgraded streams (exec, port-forward): bytes relayed each way.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relayed: Option<serde_json::Value>,

@@ -5,8 +5,6 @@
 //! `deletecollection` reports how many objects it would delete, so
 //! `approval.maxEstimatedRows` applies to it as to SQL.
 
-use std::fmt::Write as _;
-
 use agentgate_crds::Impact;
 use agentgate_policy::KubernetesRequest;
 use agentgate_policy::masking::{MaskReport, MaskingProfile};
@@ -287,7 +285,7 @@ fn truncate(mut detail: String) -> String {
             end -= 1;
         }
         detail.truncate(end);
-        let _ = write!(detail, "…");
+        detail.push('…');
     }
     detail
 }

@@ -405,6 +405,7 @@ impl Gateway {
                 let mut held_event = record.event.clone();
                 held_event.kind = "held";
                 held_event.decision = "approve".into();
+                held_event.impact = impact.clone();
                 if let Err(e) = self.audit.record(&held_event) {
                     self.metrics
                         .audit_failures
