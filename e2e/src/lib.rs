@@ -201,15 +201,26 @@ impl ControlPlane {
     /// Waits until every agentgate CRD is Established.
     pub fn wait_for_crds(&self) -> Result<(), String> {
         let crds = agentgate_crds::all_crds().map_err(|e| e.to_string())?;
-        let mut wait = self.kubectl();
-        wait.args(["wait", "--for=condition=Established", "--timeout=60s"]);
-        for crd in &crds {
-            wait.arg(format!(
-                "crd/{}",
-                crd.metadata.name.as_deref().unwrap_or_default()
-            ));
+        let mut attempts = 0;
+        loop {
+            let mut wait = self.kubectl();
+            wait.args(["wait", "--for=condition=Established", "--timeout=60s"]);
+            for crd in &crds {
+                wait.arg(format!(
+                    "crd/{}",
+                    crd.metadata.name.as_deref().unwrap_or_default()
+                ));
+            }
+            match run(&mut wait) {
+                // kubectl wait fails, instead of waiting, on a CRD so new that it has
+                // no status conditions yet.
+                Err(e) if e.contains(".status.conditions accessor error") && attempts < 10 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                result => return result.map(drop),
+            }
         }
-        run(&mut wait).map(drop)
     }
 
     fn apply_crds(&self) -> Result<(), String> {

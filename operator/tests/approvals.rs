@@ -323,9 +323,12 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
     let latency = decided.elapsed();
     assert!(ok, "{out}\n{}", log());
     assert!(out.contains("DELETE 1"), "{out}");
+    // `make bench` measures this latency (p50 75 ms, plugin start-up excluded); the bound
+    // here catches a lost watch or polling, with room for a loaded CI machine.
     assert!(
-        latency < std::time::Duration::from_secs(3),
-        "proceeded {latency:?} after the patch"
+        latency < std::time::Duration::from_secs(5),
+        "proceeded {latency:?} after the patch\n{}",
+        log()
     );
     assert_eq!(get(&first, "{.spec.decidedBy}"), "alice");
     wait_for("Executed", log, async || {
@@ -501,6 +504,14 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
         events
             .iter()
             .any(|e| e["approval"] == first.as_str() && e["rowsAffected"] == 1),
+        "{audit}"
+    );
+    // The DELETE the fingerprint grant let through says so.
+    let granted = format!("covered by the grant of {third}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "decision" && e["reason"] == granted.as_str()),
         "{audit}"
     );
 }

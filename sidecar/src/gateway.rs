@@ -93,7 +93,8 @@ pub async fn serve(listener: TcpListener, connection: String, gateway: Arc<Gatew
 pub(crate) struct Record {
     pub(crate) started: Instant,
     pub(crate) event: AuditEvent,
-    /// The Approval that let the request through, if one did.
+    /// The Approval whose status records this request's outcome: the one a human
+    /// approved for it (not one whose grant covered it).
     pub(crate) approval: Option<String>,
 }
 
@@ -426,10 +427,15 @@ impl Gateway {
                     impact,
                 };
                 match self.approvals.decide(held).await {
-                    ApprovalOutcome::Approved { approval } => {
-                        record.event.reason = Some(format!("approved in {approval}"));
+                    ApprovalOutcome::Approved { approval, by_grant } => {
+                        record.event.reason = Some(if by_grant {
+                            format!("covered by the grant of {approval}")
+                        } else {
+                            format!("approved in {approval}")
+                        });
                         record.event.approval = Some(approval.clone());
-                        record.approval = Some(approval);
+                        // Only the request a human approved is recorded on the Approval.
+                        record.approval = (!by_grant).then_some(approval);
                         Ok(())
                     }
                     ApprovalOutcome::Refused { reason } => Err(Refusal::NotApproved {

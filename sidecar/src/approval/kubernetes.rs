@@ -176,7 +176,8 @@ impl KubeApprovals {
     async fn hold(&self, request: HeldRequest<'_>) -> ApprovalOutcome {
         if let Some(approval) = self.granted(&request) {
             return ApprovalOutcome::Approved {
-                approval: format!("{approval} (grant)"),
+                approval,
+                by_grant: true,
             };
         }
         let settings = &request.approval.settings;
@@ -202,7 +203,10 @@ impl KubeApprovals {
             match state {
                 Some(Retry::Approved(name)) => {
                     self.retries().remove(key);
-                    return ApprovalOutcome::Approved { approval: name };
+                    return ApprovalOutcome::Approved {
+                        approval: name,
+                        by_grant: false,
+                    };
                 }
                 Some(Retry::Pending(name)) => {
                     return ApprovalOutcome::Refused {
@@ -252,7 +256,7 @@ impl KubeApprovals {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             match outcome {
-                ApprovalOutcome::Approved { approval } => {
+                ApprovalOutcome::Approved { approval, .. } => {
                     retries.insert(key, Retry::Approved(approval));
                 }
                 ApprovalOutcome::Refused { .. } => {
@@ -313,10 +317,6 @@ impl ApprovalHook for KubeApprovals {
     }
 
     fn executed(&self, approval: &str, outcome: Executed) {
-        // A grant's later requests are not recorded on the Approval that granted them.
-        if approval.ends_with("(grant)") {
-            return;
-        }
         let (api, name) = (self.api.clone(), approval.to_owned());
         let phase = if outcome.error.is_some() {
             "Failed"
@@ -420,7 +420,10 @@ impl Settle {
                         approval: name.clone(),
                     });
             }
-            ApprovalOutcome::Approved { approval: name }
+            ApprovalOutcome::Approved {
+                approval: name,
+                by_grant: false,
+            }
         } else {
             set_status(
                 &self.api,

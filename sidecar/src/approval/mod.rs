@@ -44,6 +44,9 @@ pub enum ApprovalOutcome {
     Approved {
         /// The Approval object's name.
         approval: String,
+        /// An earlier approval's grant covers it: it runs, but its outcome belongs to
+        /// this request only, not to that Approval's status.
+        by_grant: bool,
     },
     /// Refused: denied by a human, timed out, or approvals are unavailable.
     Refused {
