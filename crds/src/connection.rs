@@ -31,6 +31,8 @@ use crate::common::{Condition, SecretKeyRef};
 #[x_kube(validation = Rule::new("self.protocol != 'postgres' || !self.upstream.address.contains('://')").message("a postgres Connection's spec.upstream.address is host:port, not a URL"))]
 #[x_kube(validation = Rule::new("self.protocol == 'postgres' || self.upstream.address.startsWith('https://') || self.upstream.address.startsWith('http://')").message("an http or kubernetes Connection's spec.upstream.address is a URL (https://host[:port][/base])"))]
 #[x_kube(validation = Rule::new("self.protocol == 'postgres' || !has(self.upstream.database)").message("spec.upstream.database is only for postgres Connections"))]
+#[x_kube(validation = Rule::new("self.protocol == 'postgres' || !has(self.upstream.searchPath)").message("spec.upstream.searchPath is only for postgres Connections"))]
+#[x_kube(validation = Rule::new("!has(self.upstream.searchPath) || self.upstream.searchPath.all(s, !s.startsWith('pg_'))").message("spec.upstream.searchPath names plain schemas: pg_catalog is always searched first, and pg_temp or other pg_ schemas may not be listed"))]
 #[x_kube(validation = Rule::new("!has(self.credentials.serviceAccount) || self.protocol == 'kubernetes'").message("credentials.serviceAccount is only for kubernetes Connections"))]
 #[x_kube(validation = Rule::new("!has(self.credentials.azureWorkloadIdentity) || self.protocol != 'kubernetes'").message("credentials.azureWorkloadIdentity is for postgres and http Connections"))]
 pub struct ConnectionSpec {
@@ -72,6 +74,28 @@ pub struct Upstream {
     /// roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
+    /// For postgres Connections: the `search_path` every agent session runs with. The
+    /// sidecar pins it at login and refuses every way to change it, and resolves
+    /// unqualified table names in the agent's SQL through it, so policy rules on
+    /// `schema.table` mean what the server runs. Plain schema names only
+    /// (`pg_catalog` is always searched first for `pg_*` names). Defaults to `public`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 8),
+        inner(length(min = 1, max = 63), regex(pattern = r"^[a-z_][a-z0-9_]*$"))
+    )]
+    pub search_path: Vec<String>,
+}
+
+impl Upstream {
+    /// The search path a postgres session is pinned to.
+    pub fn effective_search_path(&self) -> Vec<String> {
+        if self.search_path.is_empty() {
+            vec!["public".to_owned()]
+        } else {
+            self.search_path.clone()
+        }
+    }
 }
 
 /// TLS settings for the sidecar → upstream leg.

@@ -170,13 +170,23 @@ pub struct SqlMatch {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256), inner(length(min = 1, max = 256)))]
     pub tables: Vec<String>,
+    /// Functions, beyond agentgate's built-in list of side-effect-free ones (`lower`,
+    /// `count`, `now`, …; see `docs/postgres.md`), that a statement this rule allows may
+    /// call: names as written in SQL, globs allowed (`reporting.monthly_*`). Only for
+    /// `action: allow`: an allow rule does not allow a statement that calls any other
+    /// function (it falls through to the next rule). Functions that reach outside the
+    /// database (`pg_read_file`, `dblink`, `query_to_xml`, `set_config`, …) are never
+    /// allowed without approval, even when named here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 256)))]
+    pub functions: Vec<String>,
 }
 
 /// A kind of SQL statement: `select`, `insert`, `update`, `delete`, `merge`, `copy`,
 /// `ddl` (CREATE/ALTER/DROP/TRUNCATE/…), `dcl` (GRANT/REVOKE/roles), `transaction`
 /// (BEGIN/COMMIT/ROLLBACK/SAVEPOINT), `set` (SET/RESET/SHOW), `call`, `do` (anonymous
 /// code blocks), `explain`, `other` (anything else, including text the parser rejects).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SqlStatementKind {
     Select,
@@ -192,6 +202,7 @@ pub enum SqlStatementKind {
     Call,
     Do,
     Explain,
+    #[default]
     Other,
 }
 

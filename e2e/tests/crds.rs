@@ -129,6 +129,7 @@ async fn valid_objects_of_every_kind_are_stored_and_read_back() {
                 }),
                 server_name: Some("orders.example".into()),
             }),
+            search_path: vec!["sales".into(), "public".into()],
         },
         credentials: Credentials {
             secret_ref: Some(SecretRef {

@@ -120,15 +120,37 @@ pub struct SqlRequest {
 }
 
 /// One classified SQL statement.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SqlStatement {
-    /// Statement kind.
+    /// Statement kind: the riskiest of the statement itself and of everything nested in
+    /// it (`WITH d AS (DELETE …) SELECT …` is a `delete`; `SELECT … FOR UPDATE` an
+    /// `update`).
     pub kind: SqlStatementKind,
-    /// Every table touched, as `schema.table`.
+    /// Every table touched, as `schema.table`. An unqualified name is listed under every
+    /// schema it may resolve to (the Connection's search path, and `pg_catalog` for
+    /// `pg_*` names), so a rule must allow all of them.
     pub tables: Vec<String>,
-    /// For UPDATE/DELETE: whether there is a WHERE clause.
+    /// For UPDATE/DELETE: whether every UPDATE and DELETE in it has a WHERE clause.
     pub has_where: bool,
-    /// Functions called that are known to be dangerous (`pg_read_file`, `dblink`, …).
+    /// Every function called, as written (`lower`, `pg_catalog.lower`, `app.report`).
+    pub functions: Vec<String>,
+    /// Functions called that are never allowed without approval (`pg_read_file`,
+    /// `dblink`, `table_to_xml`, …).
     pub dangerous_functions: Vec<String>,
+    /// Settings the statement changes (lower-case; `transaction_read_only` for `BEGIN
+    /// READ WRITE` and the like; `*` for `set_config`, which may change any).
+    pub settings: Vec<String>,
+    /// The cursor a `FETCH`/`MOVE` reads from; what it reads is decided by the
+    /// cursor's `DECLARE`.
+    pub cursor: Option<String>,
+    /// The cursor a `DECLARE` opens.
+    pub declares: Option<String>,
+    /// Column names that a reference outside a plain output column may carry (in an
+    /// expression, a condition, a cast, a function, an aggregate, a row value; through
+    /// subqueries' renamings too); `*` for a star or a whole-row reference. A masked
+    /// column among them would reach the agent in another form, so such statements are
+    /// refused (`docs/postgres.md`).
+    #[serde(skip)]
+    pub expression_columns: Vec<String>,
 }

@@ -71,6 +71,8 @@ pub(crate) enum Matcher {
     Sql {
         statements: Vec<SqlStatementKind>,
         tables: Vec<Glob>,
+        /// Functions an allow rule allows beyond the built-in side-effect-free ones.
+        functions: Vec<Glob>,
     },
     Kubernetes {
         verbs: Vec<String>,
@@ -372,10 +374,17 @@ fn compile_rule(
             .collect()
     };
     let matcher = if let Some(sql) = &m.sql {
-        Matcher::Sql {
+        let matcher = Matcher::Sql {
             statements: sql.statements.clone(),
             tables: globs(&sql.tables, GlobKind::Dotted),
+            functions: globs(&sql.functions, GlobKind::Dotted),
+        };
+        if !sql.functions.is_empty() && !matches!(rule.action, Action::Allow) {
+            errors.push(
+                "sql.functions only widens action: allow (approve and deny rules match whatever functions a statement calls)".to_owned(),
+            );
         }
+        matcher
     } else if let Some(k) = &m.kubernetes {
         let namespaces = globs(&k.namespaces, GlobKind::Plain);
         let names = globs(&k.names, GlobKind::Plain);

@@ -122,6 +122,11 @@ pub fn evaluate(policy: &CompiledPolicy, attrs: &RequestAttrs) -> Evaluation {
             None,
         );
     }
+    if let Target::Postgres(sql) = &attrs.target
+        && let Some(reason) = pinned_setting(policy, &attrs.connection, sql)
+    {
+        return outcome(deny(None, reason), None);
+    }
     let mut best: Option<(Decision, String)> = None;
     for p in policy
         .policies
@@ -137,7 +142,25 @@ pub fn evaluate(policy: &CompiledPolicy, attrs: &RequestAttrs) -> Evaluation {
         }
     }
     match best {
-        Some((decision, name)) => outcome(decision, Some(name)),
+        Some((decision, name)) => {
+            let decision = match (&decision, &attrs.target) {
+                (
+                    Decision::Allow { rule } | Decision::RequireApproval { rule, .. },
+                    Target::Postgres(sql),
+                ) => {
+                    match sql
+                        .statements
+                        .iter()
+                        .find_map(|s| masked_in_expression(&conn.masking, s))
+                    {
+                        Some(reason) => deny(rule.clone(), reason),
+                        None => decision,
+                    }
+                }
+                _ => decision,
+            };
+            outcome(decision, Some(name))
+        }
         None => outcome(
             deny(
                 None,
@@ -173,9 +196,7 @@ fn decide_policy(p: &CompiledAccessPolicy, attrs: &RequestAttrs) -> Decision {
         Target::Postgres(sql) => {
             let other = [SqlStatement {
                 kind: SqlStatementKind::Other,
-                tables: vec![],
-                has_where: false,
-                dangerous_functions: vec![],
+                ..SqlStatement::default()
             }];
             let statements = if sql.statements.is_empty() {
                 &other[..]
@@ -208,12 +229,24 @@ fn decide_one(
     attrs: &RequestAttrs,
     statement: Option<&SqlStatement>,
 ) -> Decision {
+    // An allow rule that matched but does not allow a function the statement calls:
+    // named in the denial if nothing else decides.
+    let mut passed_over: Option<(String, Vec<String>)> = None;
     for rule in &p.rules {
         if !rule.connections.is_empty() && !rule.connections.contains(&attrs.connection) {
             continue;
         }
         if !matches(&rule.matcher, &attrs.target, statement) {
             continue;
+        }
+        if rule.action == CompiledAction::Allow
+            && let Some(s) = statement
+        {
+            let unlisted = functions_not_allowed(&rule.matcher, s);
+            if !unlisted.is_empty() {
+                passed_over.get_or_insert((rule.name.clone(), unlisted));
+                continue;
+            }
         }
         match condition_holds(rule, attrs) {
             Ok(true) => return action_decision(&rule.action, Some(rule.name.clone()), &p.name),
@@ -236,7 +269,135 @@ fn decide_one(
             rule: Some(DISCOVERY_RULE.to_owned()),
         };
     }
-    action_decision(&p.default_action, None, &p.name)
+    match (
+        action_decision(&p.default_action, None, &p.name),
+        passed_over,
+    ) {
+        (Decision::Deny { rule: None, reason }, Some((rule, functions))) => Decision::Deny {
+            rule: Some(rule.clone()),
+            reason: format!(
+                "{reason}: rule {rule} would allow it, but the statement calls {}, which is not on agentgate's list of side-effect-free functions; a rule must name it in sql.functions, or a human approve it",
+                functions.join(", ")
+            ),
+        },
+        (d, _) => d,
+    }
+}
+
+/// The functions `statement` calls that an allow rule with `matcher` does not allow:
+/// neither built-in side-effect-free ones nor named in the rule's `sql.functions`.
+fn functions_not_allowed(matcher: &Matcher, statement: &SqlStatement) -> Vec<String> {
+    let listed: &[crate::glob::Glob] = match matcher {
+        Matcher::Sql { functions, .. } => functions,
+        _ => &[],
+    };
+    statement
+        .functions
+        .iter()
+        .filter(|f| !crate::classify::is_safe(f) && !listed.iter().any(|g| g.is_match(f)))
+        .cloned()
+        .collect()
+}
+
+/// Settings the Postgres gateway pins for the whole session, whatever the rules say:
+/// they change how the server reads SQL text and names (so the classification would no
+/// longer describe what runs) or who the session is.
+const PINNED_SETTINGS: [&str; 6] = [
+    "client_encoding",
+    "standard_conforming_strings",
+    "search_path",
+    "role",
+    "session_authorization",
+    "*",
+];
+
+/// Why a statement of `sql` may not run whatever the rules say: it changes a pinned
+/// setting, or turns read-only off in a session the policy lets write nothing.
+fn pinned_setting(
+    policy: &CompiledPolicy,
+    connection: &str,
+    sql: &crate::attrs::SqlRequest,
+) -> Option<String> {
+    let settings = || sql.statements.iter().flat_map(|s| s.settings.iter());
+    if let Some(name) = settings().find(|n| PINNED_SETTINGS.contains(&n.as_str())) {
+        let what = if name == "*" {
+            "set_config() may change any setting, and".to_owned()
+        } else {
+            name.clone()
+        };
+        return Some(format!(
+            "agentgate pins {what} for the whole session (it decides SQL as the server reads it); it cannot be changed through agentgate"
+        ));
+    }
+    if session_is_read_only(policy, connection)
+        && let Some(name) = settings().find(|n| n.contains("read_only"))
+    {
+        return Some(format!(
+            "this session is read-only (no policy lets it write on Connection {connection}), and {name} cannot be turned off"
+        ));
+    }
+    None
+}
+
+/// The kinds a read-only transaction can run.
+const READ_KINDS: [SqlStatementKind; 4] = [
+    SqlStatementKind::Select,
+    SqlStatementKind::Explain,
+    SqlStatementKind::Set,
+    SqlStatementKind::Transaction,
+];
+
+/// Whether nothing any policy says about `connection` can let a statement write: every
+/// policy's default is deny and every rule that allows or approves names only read
+/// kinds. The Postgres gateway then runs the upstream session read-only, so a write the
+/// classification missed still fails at the server.
+pub fn session_is_read_only(policy: &CompiledPolicy, connection: &str) -> bool {
+    policy
+        .policies
+        .iter()
+        .filter(|p| p.connections.iter().any(|c| c == connection))
+        .all(|p| {
+            p.default_action == CompiledAction::Deny
+                && p.rules.iter().all(|r| {
+                    r.action == CompiledAction::Deny
+                        || (!r.connections.is_empty()
+                            && !r.connections.iter().any(|c| c == connection))
+                        || matches!(&r.matcher, Matcher::Sql { statements, .. }
+                            if !statements.is_empty() && statements.iter().all(|k| READ_KINDS.contains(k)))
+                })
+        })
+}
+
+/// Why `statement` may not run under `masking`: it uses a masked column other than as
+/// a plain output column (where the server reports its origin and the gateway masks
+/// it). In an expression, a condition, a cast, a function, a row value or a JSON
+/// conversion it would reach the agent in another form, or answer questions about it.
+fn masked_in_expression(masking: &MaskingProfile, statement: &SqlStatement) -> Option<String> {
+    if !masking.masks_columns() || statement.expression_columns.is_empty() {
+        return None;
+    }
+    let relations: Vec<&str> = statement
+        .tables
+        .iter()
+        .map(|t| t.split_once('.').map_or(t.as_str(), |(_, r)| r))
+        .collect();
+    let found = statement.expression_columns.iter().find(|c| {
+        relations.iter().any(|r| {
+            if c.as_str() == "*" {
+                masking.may_mask_columns_of(r)
+            } else {
+                masking.masks_column(&format!("{r}.{c}"))
+            }
+        })
+    })?;
+    let what = if found == "*" {
+        "a whole row or a star of a table with masked columns".to_owned()
+    } else {
+        format!("column {found}, which this policy masks,")
+    };
+    Some(format!(
+        "the statement uses {what} in an expression, condition, cast, function or row value; a masked column can only be selected as a plain column (it comes back masked)"
+    ))
 }
 
 fn action_decision(action: &CompiledAction, rule: Option<String>, policy: &str) -> Decision {
@@ -272,7 +433,12 @@ fn is_discovery(k: &KubernetesRequest) -> bool {
 fn matches(m: &Matcher, target: &Target, statement: Option<&SqlStatement>) -> bool {
     match (m, target) {
         (Matcher::Any, _) => true,
-        (Matcher::Sql { statements, tables }, Target::Postgres(_)) => statement.is_some_and(|s| {
+        (
+            Matcher::Sql {
+                statements, tables, ..
+            },
+            Target::Postgres(_),
+        ) => statement.is_some_and(|s| {
             (statements.is_empty() || statements.contains(&s.kind))
                 && s.tables.iter().all(|t| any_match(tables, t))
         }),

@@ -21,5 +21,5 @@ pub use compile::{
     ApprovalPolicy, CompiledAction, CompiledConnection, CompiledPolicy, EffectiveLimits,
     PolicyError, compile, describe, parse_duration, parse_quantity,
 };
-pub use evaluate::{DISCOVERY_RULE, Decision, Evaluation, evaluate};
+pub use evaluate::{DISCOVERY_RULE, Decision, Evaluation, evaluate, session_is_read_only};
 pub use selector::selector_matches;

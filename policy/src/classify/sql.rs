@@ -5,12 +5,17 @@
 //! Text the parser rejects (or that is too large or too deeply nested to parse safely)
 //! is one statement of kind `other`, which no select-only rule allows.
 
+mod functions;
+mod walk;
+
 use agentgate_crds::SqlStatementKind;
 use pg_query::protobuf::{TransactionStmtKind, VariableSetKind};
 use pg_query::{FingerprintOptions, NodeEnum, ParserOptions};
 use sha2::{Digest, Sha256};
 
 use crate::attrs::{SqlRequest, SqlStatement};
+use functions::is_dangerous;
+pub(crate) use functions::is_safe;
 
 /// The longest statement text classified; longer text is `other`.
 pub const MAX_SQL_BYTES: usize = 1 << 20;
@@ -19,52 +24,38 @@ pub const MAX_SQL_BYTES: usize = 1 << 20;
 /// tree walk recurse, and a worker thread's stack is small).
 pub const MAX_NESTING: usize = 200;
 
-/// Functions that reach outside the database's tables — the server's files and
-/// programs, other servers, other sessions, server configuration — or run SQL hidden in
-/// a string, where classification cannot see it.
-pub const DANGEROUS_FUNCTIONS: &[&str] = &[
-    "pg_read_file",
-    "pg_read_binary_file",
-    "pg_ls_dir",
-    "pg_stat_file",
-    "pg_ls_logdir",
-    "pg_ls_waldir",
-    "pg_ls_tmpdir",
-    "pg_ls_archive_statusdir",
-    "pg_file_write",
-    "pg_file_rename",
-    "pg_file_unlink",
-    "lo_import",
-    "lo_export",
-    "lo_unlink",
-    "dblink",
-    "dblink_exec",
-    "dblink_connect",
-    "dblink_connect_u",
-    "dblink_send_query",
-    "pg_terminate_backend",
-    "pg_cancel_backend",
-    "pg_reload_conf",
-    "pg_rotate_logfile",
-    "pg_promote",
-    "pg_switch_wal",
-    "pg_drop_replication_slot",
-    "set_config",
-    "query_to_xml",
-    "query_to_xmlschema",
-    "query_to_xml_and_xmlschema",
-    "pg_sleep",
-    "pg_sleep_for",
-    "pg_sleep_until",
-];
+/// The session state that changes what a statement's names mean. The Postgres gateway
+/// pins it at login (`search_path`, with `client_encoding` UTF8 and
+/// `standard_conforming_strings` on, which is how the parser reads text) and refuses
+/// every way to change it, so the classification holds for the whole session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlContext {
+    /// The schemas an unqualified table name is looked up in, in order (`pg_catalog`
+    /// is implicitly first for `pg_*` names).
+    pub search_path: Vec<String>,
+}
 
-/// Classifies one SQL text (a simple-protocol query string or one Parse).
+impl Default for SqlContext {
+    fn default() -> Self {
+        Self {
+            search_path: vec!["public".into()],
+        }
+    }
+}
+
+/// Classifies one SQL text (a simple-protocol query string or one Parse) read with the
+/// default search path (`public`).
 pub fn classify_sql(text: &str) -> SqlRequest {
+    classify_sql_in(text, &SqlContext::default())
+}
+
+/// Classifies one SQL text as a session with `context` reads it.
+pub fn classify_sql_in(text: &str, context: &SqlContext) -> SqlRequest {
     let parsed = (text.len() <= MAX_SQL_BYTES && nesting(text) <= MAX_NESTING)
         .then(|| {
             // The parser is C behind a safe API; a panic in its Rust glue must not take
             // the session down, and means "could not classify".
-            std::panic::catch_unwind(|| classify_parsed(text)).ok()
+            std::panic::catch_unwind(|| classify_parsed(text, context)).ok()
         })
         .flatten()
         .flatten();
@@ -78,9 +69,7 @@ pub fn classify_sql(text: &str) -> SqlRequest {
 fn unclassifiable() -> SqlStatement {
     SqlStatement {
         kind: SqlStatementKind::Other,
-        tables: vec![],
-        has_where: false,
-        dangerous_functions: vec![],
+        ..SqlStatement::default()
     }
 }
 
@@ -101,24 +90,12 @@ fn nesting(text: &str) -> usize {
     max
 }
 
-fn classify_parsed(text: &str) -> Option<SqlRequest> {
+fn classify_parsed(text: &str, context: &SqlContext) -> Option<SqlRequest> {
     let whole = pg_query::parse(text, ParserOptions::DEFAULT).ok()?;
-    let statements = if whole.protobuf.stmts.len() == 1 {
-        // The common case: the whole text is the statement, already parsed.
-        vec![classify_one(&whole)?]
-    } else {
-        let mut statements = Vec::with_capacity(whole.protobuf.stmts.len());
-        for raw in &whole.protobuf.stmts {
-            let start = usize::try_from(raw.stmt_location).ok()?;
-            let slice = match usize::try_from(raw.stmt_len).ok()? {
-                0 => text.get(start..)?,
-                len => text.get(start..start.checked_add(len)?)?,
-            };
-            let parsed = pg_query::parse(slice, ParserOptions::DEFAULT).ok()?;
-            statements.push(classify_one(&parsed)?);
-        }
-        statements
-    };
+    let mut statements = Vec::with_capacity(whole.protobuf.stmts.len());
+    for raw in &whole.protobuf.stmts {
+        statements.push(classify_one(raw.stmt.as_deref()?, context)?);
+    }
     // Schemas and full relation names count: a grant for `orders_2024_01` is not one
     // for `orders_2024_02`.
     let options = FingerprintOptions::RANGEVAR_PG17_COMPAT | FingerprintOptions::FULL_RELNAME;
@@ -132,51 +109,77 @@ fn classify_parsed(text: &str) -> Option<SqlRequest> {
     })
 }
 
-/// One statement, parsed on its own so its tables and functions are its own.
-fn classify_one(parsed: &pg_query::ParseResult) -> Option<SqlStatement> {
-    let node = parsed
-        .protobuf
-        .stmts
-        .first()?
-        .stmt
-        .as_ref()?
-        .node
-        .as_ref()?;
-    let (kind, has_where) = kind_of(node);
-    let mut tables: Vec<String> = parsed.tables().into_iter().map(qualify).collect();
-    tables.sort();
-    tables.dedup();
-    let mut dangerous: Vec<String> = parsed
-        .functions()
-        .into_iter()
-        .filter_map(|f| {
-            let name = f.rsplit('.').next().unwrap_or(&f).to_ascii_lowercase();
-            DANGEROUS_FUNCTIONS.contains(&name.as_str()).then_some(name)
-        })
+/// How risky a kind is when one statement holds several: the riskiest names it.
+fn risk(kind: SqlStatementKind) -> u8 {
+    use SqlStatementKind as K;
+    match kind {
+        K::Select | K::Explain => 0,
+        K::Set | K::Transaction => 1,
+        K::Copy => 2,
+        K::Insert => 3,
+        K::Update => 4,
+        K::Merge | K::Delete => 5,
+        K::Call | K::Do => 6,
+        K::Ddl => 7,
+        K::Dcl => 8,
+        K::Other => 9,
+    }
+}
+
+/// One statement: its own kind, then the whole tree walked for what is nested in it.
+fn classify_one(stmt: &pg_query::protobuf::Node, context: &SqlContext) -> Option<SqlStatement> {
+    let node = stmt.node.as_ref()?;
+    let tree = serde_json::to_value(stmt).ok()?;
+    let facts = walk::Facts::of(&tree, &context.search_path);
+    let (top, _) = kind_of(node);
+    let kind = facts
+        .nested
+        .iter()
+        .copied()
+        .chain(std::iter::once(top))
+        // EXPLAIN without ANALYZE runs nothing it explains.
+        .filter(|k| top != SqlStatementKind::Explain || *k == top)
+        .max_by_key(|k| risk(*k))
+        .unwrap_or(top);
+    let (writes, with_where) = facts.writes_with_where;
+    let mut dangerous: Vec<String> = facts
+        .functions
+        .iter()
+        .filter(|f| is_dangerous(f))
+        .map(|f| functions::builtin_name(f).to_ascii_lowercase())
         .collect();
     if let NodeEnum::CopyStmt(c) = node
         && c.is_program
     {
         dangerous.push("copy program".to_owned());
     }
+    let mut settings: Vec<String> = facts.settings.iter().cloned().collect();
+    if facts
+        .functions
+        .iter()
+        .any(|f| functions::builtin_name(f).eq_ignore_ascii_case("set_config"))
+    {
+        settings.push("*".to_owned());
+    }
     dangerous.sort();
     dangerous.dedup();
     Some(SqlStatement {
         kind,
-        tables,
-        has_where,
+        tables: facts.tables.iter().cloned().collect(),
+        has_where: writes > 0 && writes == with_where,
+        functions: facts.functions.iter().cloned().collect(),
         dangerous_functions: dangerous,
+        settings,
+        cursor: match node {
+            NodeEnum::FetchStmt(f) => Some(f.portalname.clone()),
+            _ => None,
+        },
+        declares: match node {
+            NodeEnum::DeclareCursorStmt(d) => Some(d.portalname.clone()),
+            _ => None,
+        },
+        expression_columns: facts.expression_columns(),
     })
-}
-
-/// Unqualified names are read as `public.<name>` — the default search path, which the
-/// agent cannot change (`SET search_path` is classified `other`).
-fn qualify(table: String) -> String {
-    if table.contains('.') {
-        table
-    } else {
-        format!("public.{table}")
-    }
 }
 
 /// The statement kind, and for UPDATE/DELETE whether a WHERE clause limits it.
@@ -221,10 +224,10 @@ fn kind_of(node: &NodeEnum) -> (SqlStatementKind, bool) {
             let name = v.name.to_ascii_lowercase();
             match (v.kind(), name.as_str()) {
                 (VariableSetKind::VarResetAll, _) => K::Set,
-                // Changing who the session is, or where unqualified names resolve, would
-                // change what the classified tables mean.
+                // Changing who the session is changes what its privileges are.
                 (_, "role" | "session_authorization" | "session authorization") => K::Dcl,
-                (_, "search_path") => K::Other,
+                // What the gateway pins (`search_path`, encodings, read-only) is in
+                // `settings`, and refused whatever the rules say.
                 _ => K::Set,
             }
         }

@@ -86,7 +86,7 @@ fn sql(statements: &[(SqlStatementKind, &[&str])]) -> Target {
                 kind: *kind,
                 tables: tables.iter().map(|t| (*t).to_owned()).collect(),
                 has_where: true,
-                dangerous_functions: vec![],
+                ..SqlStatement::default()
             })
             .collect(),
         fingerprint: "f".into(),
@@ -590,4 +590,180 @@ fn http_attrs_are_normalized() {
             query: "api-version=2024-01-01".into()
         })
     );
+}
+
+fn select_only(extra_rules: serde_json::Value) -> CompiledPolicy {
+    let mut rules = vec![
+        json!({ "name": "reads", "match": { "sql": { "statements": ["select", "set", "transaction"], "tables": ["public.*"] } }, "action": "allow" }),
+    ];
+    rules.extend(extra_rules.as_array().cloned().unwrap_or_default());
+    compiled(&[policy(
+        "readers",
+        json!({
+            "agentSelector": {},
+            "connections": ["orders-db"],
+            "rules": rules,
+            "masking": { "columns": ["customers.email", "*.ssn"] }
+        }),
+    )])
+}
+
+fn db_text(p: &CompiledPolicy, text: &str) -> Decision {
+    decide(
+        p,
+        "orders-db",
+        None,
+        Target::Postgres(crate::classify::classify_sql(text)),
+    )
+}
+
+fn denial(d: Decision) -> String {
+    match d {
+        Decision::Deny { reason, .. } => reason,
+        other => panic!("expected a denial, got {other:?}"),
+    }
+}
+
+#[test]
+fn allow_rules_allow_only_side_effect_free_functions_or_those_they_name() {
+    let p = select_only(json!([
+        { "name": "reports", "match": { "sql": { "statements": ["select"], "tables": ["public.*"], "functions": ["reporting.monthly_*"] } }, "action": "allow" }
+    ]));
+    assert_eq!(
+        db_text(&p, "SELECT lower(note), count(*) FROM orders GROUP BY 1").label(),
+        "allow"
+    );
+    assert_eq!(
+        db_text(&p, "SELECT pg_catalog.upper(note) FROM orders").label(),
+        "allow"
+    );
+    let d = db_text(&p, "SELECT reporting.monthly_totals(2026) FROM orders");
+    assert_eq!(label_and_rule(&d), ("allow", Some("reports".to_owned())));
+    // A function that reads a table given as text, or any user function, is not
+    // allowed by a select rule.
+    for text in [
+        "SELECT table_to_xml('secret.keys', true, false, '')",
+        "SELECT query_to_xml('select * from secret.keys', true, false, '')",
+        "SELECT * FROM ts_stat('select note from secret.keys')",
+        "SELECT app.leak() FROM orders",
+        "SELECT \"LOWER\"(note) FROM orders",
+        "SELECT encode(convert_to(note, 'UTF8'), 'base64') FROM orders",
+    ] {
+        let reason = denial(db_text(&p, text));
+        assert!(reason.contains("side-effect-free"), "{text}: {reason}");
+    }
+    // Dangerous ones stay refused even when a rule names them.
+    let p = select_only(json!([
+        { "name": "sleepy", "match": { "sql": { "statements": ["select"], "functions": ["pg_sleep"] } }, "action": "allow" }
+    ]));
+    assert!(denial(db_text(&p, "SELECT pg_sleep(1)")).contains("pg_sleep"));
+    // An approve rule still holds what an allow rule passes over.
+    let p = select_only(json!([
+        { "name": "ask", "match": { "sql": { "statements": ["select"] } }, "action": "approve",
+          "approval": { "approvers": { "groups": ["dba"] } } }
+    ]));
+    assert_eq!(
+        db_text(&p, "SELECT app.report() FROM orders").label(),
+        "approve"
+    );
+}
+
+#[test]
+fn sql_functions_is_only_for_allow_rules() {
+    let spec = policy(
+        "bad",
+        json!({ "agentSelector": {}, "connections": ["orders-db"], "rules": [
+            { "name": "x", "match": { "sql": { "functions": ["f"] } }, "action": "deny" } ] }),
+    );
+    let e = compile(&[spec], &connections(), b"k").unwrap_err();
+    assert!(format!("{e:?}").contains("sql.functions"), "{e:?}");
+}
+
+#[test]
+fn pinned_settings_are_refused_whatever_the_rules_say() {
+    let p = compiled(&[policy(
+        "anything",
+        json!({ "agentSelector": {}, "connections": ["orders-db"], "defaultAction": "allow", "rules": [] }),
+    )]);
+    for text in [
+        "SET search_path = secret, public",
+        "SET client_encoding = 'GBK'",
+        "SET NAMES 'SJIS'",
+        "SET standard_conforming_strings = off",
+        "SET ROLE postgres",
+        "SELECT set_config('search_path', 'secret', false)",
+        "SELECT 1; SET LOCAL search_path = secret",
+    ] {
+        let reason = denial(db_text(&p, text));
+        assert!(reason.contains("pins"), "{text}: {reason}");
+    }
+    // The session may write: turning read-only off is not refused.
+    assert_eq!(db_text(&p, "BEGIN READ WRITE").label(), "allow");
+    assert!(!session_is_read_only(&p, "orders-db"));
+}
+
+#[test]
+fn read_only_sessions_cannot_turn_read_only_off() {
+    let p = select_only(json!([
+        { "name": "no-writes", "match": { "sql": { "statements": ["delete"] } }, "action": "deny" }
+    ]));
+    assert!(session_is_read_only(&p, "orders-db"));
+    for text in [
+        "BEGIN READ WRITE",
+        "START TRANSACTION READ WRITE",
+        "SET TRANSACTION READ WRITE",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+        "SET default_transaction_read_only = off",
+        "SET transaction_read_only TO false",
+    ] {
+        let reason = denial(db_text(&p, text));
+        assert!(reason.contains("read-only"), "{text}: {reason}");
+    }
+    assert_eq!(db_text(&p, "BEGIN READ ONLY").label(), "allow");
+    assert_eq!(db_text(&p, "BEGIN").label(), "allow");
+    // Any rule that may let a write through makes the session writable.
+    for rule in [
+        json!({ "name": "w", "match": { "sql": { "statements": ["insert"] } }, "action": "allow" }),
+        json!({ "name": "w", "match": { "sql": { "statements": ["delete"] } }, "action": "approve", "approval": { "approvers": { "groups": ["dba"] } } }),
+        json!({ "name": "w", "match": { "sql": {} }, "action": "allow" }),
+        json!({ "name": "w", "match": {}, "action": "allow" }),
+    ] {
+        assert!(
+            !session_is_read_only(&select_only(json!([rule.clone()])), "orders-db"),
+            "{rule}"
+        );
+    }
+}
+
+#[test]
+fn masked_columns_only_as_plain_output_columns() {
+    let p = select_only(json!([]));
+    assert_eq!(
+        db_text(&p, "SELECT id, email, ssn FROM customers").label(),
+        "allow"
+    );
+    assert_eq!(
+        db_text(&p, "SELECT lower(note) FROM orders").label(),
+        "allow"
+    );
+    for text in [
+        "SELECT lower(email) FROM customers",
+        "SELECT email::bytea FROM customers",
+        "SELECT id FROM customers WHERE ssn LIKE '1%'",
+        "SELECT to_jsonb(c) FROM customers c",
+        "SELECT ARRAY[ssn] FROM customers",
+        "SELECT lower(x) FROM (SELECT email FROM customers) s(x)",
+        "SELECT email FROM customers UNION SELECT 'x'",
+        "SELECT id FROM orders WHERE note IN (SELECT ssn FROM orders)",
+    ] {
+        let reason = denial(db_text(&p, text));
+        assert!(reason.contains("masked"), "{text}: {reason}");
+    }
+    // A table without masked columns may use any column anywhere.
+    assert_eq!(
+        db_text(&p, "SELECT total FROM orders WHERE total > 1 ORDER BY id").label(),
+        "allow"
+    );
+    // `*.ssn` may be a column of any table: a whole row of any table is refused.
+    assert!(denial(db_text(&p, "SELECT to_jsonb(o) FROM orders o")).contains("whole row"));
 }

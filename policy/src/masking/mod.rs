@@ -38,6 +38,8 @@ pub struct MaskingProfile {
     kubernetes_secrets: bool,
     json_paths: Vec<JsonPath>,
     columns: Vec<Glob>,
+    /// The table part of each column pattern (`customers` of `customers.email`).
+    column_tables: Vec<Glob>,
     replacement: Replacement,
     hash_key: Vec<u8>,
 }
@@ -121,6 +123,7 @@ impl MaskingProfile {
             kubernetes_secrets: false,
             json_paths: Vec::new(),
             columns: Vec::new(),
+            column_tables: Vec::new(),
             replacement: Replacement::Redact,
             hash_key: Vec::new(),
         }
@@ -174,6 +177,14 @@ impl MaskingProfile {
                 }
             })
             .collect();
+        let column_tables = spec
+            .columns
+            .iter()
+            .filter_map(|c| {
+                let table = c.rsplit_once('.').map_or("*", |(t, _)| t);
+                Glob::new(table, GlobKind::Dotted).ok()
+            })
+            .collect();
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -190,6 +201,7 @@ impl MaskingProfile {
             kubernetes_secrets: sets.contains(&DetectorSet::Secrets),
             json_paths,
             columns,
+            column_tables,
             replacement: spec.replacement,
             hash_key: hash_key.to_vec(),
         })
@@ -217,6 +229,11 @@ impl MaskingProfile {
     /// Whether the SQL result column `table.column` is masked.
     pub fn masks_column(&self, qualified_column: &str) -> bool {
         !self.columns.is_empty() && any_match(&self.columns, qualified_column)
+    }
+
+    /// Whether some column of the table (relation) `table` may be masked.
+    pub fn may_mask_columns_of(&self, table: &str) -> bool {
+        self.column_tables.iter().any(|g| g.is_match(table))
     }
 
     /// Masks a whole text body.

@@ -42,7 +42,7 @@ fn statement_kinds() {
         ("SET statement_timeout = 1000", K::Set),
         ("SHOW server_version", K::Set),
         ("RESET ALL", K::Set),
-        ("SET search_path = secret, public", K::Other),
+        ("SET search_path = secret, public", K::Set),
         ("CALL do_things(1)", K::Call),
         ("DO $$ BEGIN PERFORM 1; END $$", K::Do),
         ("EXPLAIN SELECT * FROM orders", K::Explain),
@@ -56,6 +56,50 @@ fn statement_kinds() {
         ("ALTER SYSTEM SET work_mem = '1GB'", K::Other),
         ("LOAD 'plugin'", K::Other),
         ("LOCK TABLE orders", K::Other),
+        // Writes hidden inside reads are writes.
+        (
+            "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
+            K::Delete,
+        ),
+        (
+            "WITH u AS (UPDATE orders SET total = 0 RETURNING *) SELECT 1",
+            K::Update,
+        ),
+        (
+            "WITH i AS (INSERT INTO orders VALUES (1) RETURNING *) SELECT * FROM i",
+            K::Insert,
+        ),
+        (
+            "EXPLAIN ANALYZE WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
+            K::Delete,
+        ),
+        ("COPY (DELETE FROM orders RETURNING *) TO STDOUT", K::Delete),
+        (
+            "COPY (UPDATE orders SET total = 0 RETURNING *) TO STDOUT",
+            K::Update,
+        ),
+        ("SELECT * FROM orders FOR UPDATE", K::Update),
+        ("SELECT * FROM orders FOR SHARE SKIP LOCKED", K::Update),
+        (
+            "DECLARE c CURSOR FOR SELECT * FROM orders FOR UPDATE",
+            K::Update,
+        ),
+        (
+            "CREATE TABLE t AS WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
+            K::Ddl,
+        ),
+        (
+            "SELECT (SELECT 1 FROM (WITH d AS (DELETE FROM orders RETURNING 1) SELECT * FROM d) x)",
+            K::Delete,
+        ),
+        (
+            "SELECT 1 UNION ALL (WITH d AS (DELETE FROM orders RETURNING 1) SELECT * FROM d)",
+            K::Delete,
+        ),
+        (
+            "PREPARE p AS WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
+            K::Delete,
+        ),
     ];
     for (sql, kind) in cases {
         assert_eq!(one(sql).kind, kind, "{sql}");
@@ -203,6 +247,230 @@ proptest! {
         let r = classify_sql(&text);
         for s in &r.statements {
             prop_assert!(s.tables.iter().all(|t| t.contains('.')));
+        }
+    }
+}
+
+#[test]
+fn a_cte_name_is_a_table_where_the_server_reads_a_table() {
+    // The target of a write is always a table, whatever CTE shares its name.
+    assert_eq!(
+        one("WITH orders AS (SELECT 1) DELETE FROM orders").tables,
+        ["public.orders"]
+    );
+    // Out of the CTE's scope the name is a table again.
+    assert_eq!(
+        one("SELECT * FROM (WITH keys AS (SELECT 1) SELECT * FROM keys) a, keys").tables,
+        ["public.keys"]
+    );
+    // A non-recursive CTE does not see itself or later CTEs: `b` in `a` is a table.
+    assert_eq!(
+        one("WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a").tables,
+        ["public.b"]
+    );
+    // Recursive: every CTE of the list is in scope in every body.
+    assert!(
+        one("WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 3) SELECT * FROM t")
+            .tables
+            .is_empty()
+    );
+    // Schema-qualified: never a CTE.
+    assert_eq!(
+        one("WITH keys AS (SELECT 1) SELECT * FROM secret.keys").tables,
+        ["secret.keys"]
+    );
+}
+
+#[test]
+fn unqualified_names_resolve_through_the_pinned_search_path() {
+    let ctx = SqlContext {
+        search_path: vec!["sales".into(), "public".into()],
+    };
+    let r = classify_sql_in(
+        "SELECT * FROM orders JOIN billing.invoices USING (id)",
+        &ctx,
+    );
+    assert_eq!(
+        r.statements[0].tables,
+        ["billing.invoices", "public.orders", "sales.orders"]
+    );
+    // `pg_*` names may be the system catalog's, which is searched first.
+    assert_eq!(
+        one("SELECT * FROM pg_class").tables,
+        ["pg_catalog.pg_class", "public.pg_class"]
+    );
+}
+
+#[test]
+fn settings_that_change_how_sql_is_read_are_named() {
+    let settings = |sql: &str| one(sql).settings;
+    assert_eq!(settings("SET search_path = secret"), ["search_path"]);
+    assert_eq!(settings("SET SCHEMA 'secret'"), ["search_path"]);
+    assert_eq!(
+        settings("SET LOCAL search_path TO DEFAULT"),
+        ["search_path"]
+    );
+    assert_eq!(settings("SET NAMES 'GBK'"), ["client_encoding"]);
+    assert_eq!(settings("SET client_encoding = 'GBK'"), ["client_encoding"]);
+    assert_eq!(
+        settings("SET standard_conforming_strings = off"),
+        ["standard_conforming_strings"]
+    );
+    assert_eq!(
+        settings("SELECT set_config('search_path', 'secret', false)"),
+        ["*"]
+    );
+    // Read-only: only turning it off counts.
+    assert_eq!(
+        settings("SET default_transaction_read_only = off"),
+        ["default_transaction_read_only"]
+    );
+    assert!(settings("SET default_transaction_read_only = on").is_empty());
+    assert_eq!(
+        settings("SET transaction_read_only = false"),
+        ["transaction_read_only"]
+    );
+    assert_eq!(settings("BEGIN READ WRITE"), ["transaction_read_only"]);
+    assert_eq!(
+        settings("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE"),
+        ["transaction_read_only"]
+    );
+    assert_eq!(
+        settings("SET TRANSACTION READ WRITE"),
+        ["transaction_read_only"]
+    );
+    assert_eq!(
+        settings("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE"),
+        ["transaction_read_only"]
+    );
+    assert!(settings("BEGIN READ ONLY").is_empty());
+    assert!(settings("SET TRANSACTION READ ONLY").is_empty());
+    assert!(settings("BEGIN").is_empty());
+    // A RESET returns to what the session started with (which the gateway pinned).
+    assert!(settings("RESET search_path").is_empty());
+    assert!(settings("RESET ALL").is_empty());
+    assert_eq!(
+        settings("SET statement_timeout = 1000"),
+        ["statement_timeout"]
+    );
+}
+
+#[test]
+fn functions_and_cursors_are_named() {
+    let s = one("SELECT lower(name), pg_catalog.count(*), app.report(1) FROM t");
+    assert_eq!(s.functions, ["app.report", "lower", "pg_catalog.count"]);
+    let s = one("SELECT table_to_xml('secret.keys', true, false, '')");
+    assert_eq!(s.dangerous_functions, ["table_to_xml"]);
+    assert_eq!(one("FETCH 10 FROM c").cursor.as_deref(), Some("c"));
+    assert_eq!(one("MOVE NEXT IN c").cursor.as_deref(), Some("c"));
+    let d = one("DECLARE c CURSOR WITH HOLD FOR SELECT * FROM secret.keys");
+    assert_eq!(d.declares.as_deref(), Some("c"));
+    assert_eq!(d.tables, ["secret.keys"]);
+    assert!(SAFE_SORTED.windows(2).all(|w| w[0] < w[1]));
+}
+
+const SAFE_SORTED: &[&str] = functions::SAFE_FUNCTIONS;
+
+#[test]
+fn column_references_outside_plain_output_positions() {
+    let cols = |sql: &str| one(sql).expression_columns;
+    // Plain output columns (also through subqueries and CTEs) keep their origin.
+    assert!(cols("SELECT email, c.ssn FROM customers c").is_empty());
+    assert!(cols("SELECT * FROM customers").is_empty());
+    assert!(cols("SELECT e FROM (SELECT email AS e FROM customers) s").is_empty());
+    assert!(cols("WITH x AS (SELECT email FROM customers) SELECT email FROM x").is_empty());
+    // In expressions, conditions, casts, functions and row values they do not.
+    assert_eq!(cols("SELECT lower(email) FROM customers"), ["email"]);
+    assert_eq!(cols("SELECT email::bytea FROM customers"), ["email"]);
+    assert_eq!(
+        cols("SELECT id FROM customers WHERE ssn LIKE '1%'"),
+        ["id", "ssn"][1..]
+    );
+    assert_eq!(cols("SELECT ARRAY[email] FROM customers"), ["email"]);
+    assert_eq!(cols("SELECT to_jsonb(c) FROM customers c"), ["*", "c"]);
+    assert_eq!(cols("SELECT row(c.*) FROM customers c"), ["*"]);
+    // Renamed through a derived table, the outer use still carries the column.
+    assert!(
+        cols("SELECT lower(x) FROM (SELECT email FROM customers) s(x)")
+            .contains(&"email".to_owned())
+    );
+    assert!(
+        cols("SELECT lower(e) FROM (SELECT email AS e FROM customers) s")
+            .contains(&"email".to_owned())
+    );
+    assert!(
+        cols("WITH w AS (SELECT email AS e FROM customers) SELECT upper(e) FROM w")
+            .contains(&"email".to_owned())
+    );
+    // A set operation's output has no origin; a subquery in an expression is compared.
+    assert_eq!(
+        cols("SELECT email FROM customers UNION SELECT 'x'"),
+        ["email"]
+    );
+    assert!(
+        cols("SELECT 1 WHERE 'a' IN (SELECT email FROM customers)").contains(&"email".to_owned())
+    );
+    // Copied elsewhere, a value would lose its mask.
+    assert!(
+        cols("INSERT INTO orders (note) SELECT email FROM customers").contains(&"email".to_owned())
+    );
+    assert!(cols("UPDATE customers SET name = email").contains(&"email".to_owned()));
+    assert!(cols("DELETE FROM customers RETURNING email").contains(&"email".to_owned()));
+}
+
+/// Every place a query may stand, with a hole for the query.
+const QUERY_PLACES: &[&str] = &[
+    "WITH x AS ({}) SELECT * FROM x",
+    "WITH a AS (SELECT 1), x AS ({}) SELECT 1",
+    "SELECT * FROM ({}) s",
+    "SELECT (SELECT count(*) FROM ({}) s)",
+    "SELECT 1 WHERE EXISTS (WITH x AS ({}) SELECT 1)",
+    "EXPLAIN ANALYZE WITH x AS ({}) SELECT 1",
+    "EXPLAIN (ANALYZE, BUFFERS) WITH x AS ({}) SELECT 1",
+    "COPY ({}) TO STDOUT",
+    "DECLARE c CURSOR FOR WITH x AS ({}) SELECT 1",
+    "PREPARE p AS WITH x AS ({}) SELECT 1",
+    "CREATE TABLE t AS WITH x AS ({}) SELECT 1",
+    "SELECT 1 UNION SELECT * FROM (WITH x AS ({}) SELECT 1) s",
+    "INSERT INTO log WITH x AS ({}) SELECT 1",
+    "SELECT * FROM orders o JOIN LATERAL (WITH x AS ({}) SELECT 1) s ON true",
+];
+
+const WRITES: &[&str] = &[
+    "DELETE FROM orders RETURNING *",
+    "DELETE FROM orders WHERE id = 1 RETURNING id",
+    "UPDATE orders SET total = 0 RETURNING *",
+    "INSERT INTO orders VALUES (1) RETURNING *",
+    "INSERT INTO orders SELECT * FROM orders RETURNING id",
+    "MERGE INTO orders o USING staged s ON o.id = s.id WHEN MATCHED THEN DELETE RETURNING *",
+    "SELECT * FROM orders FOR UPDATE",
+    "SELECT * FROM orders FOR KEY SHARE",
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// A write nested anywhere a query may stand — at any depth — is never a read.
+    #[test]
+    fn a_nested_write_is_never_a_read(
+        places in proptest::collection::vec(0..QUERY_PLACES.len(), 1..4),
+        write in 0..WRITES.len(),
+    ) {
+        let mut sql = WRITES[write].to_owned();
+        for p in &places {
+            sql = QUERY_PLACES[*p].replace("{}", &sql);
+        }
+        let r = classify_sql(&sql);
+        // Text the server would reject too (a write where only a SELECT may stand) is
+        // `other`, which no read rule allows either.
+        for s in &r.statements {
+            prop_assert!(
+                !matches!(s.kind, K::Select | K::Explain | K::Set | K::Transaction | K::Copy),
+                "{} classified {:?}", sql, s.kind
+            );
+            if r.normalized.is_some() {
+                prop_assert!(s.tables.contains(&"public.orders".to_owned()), "{}: {:?}", sql, s.tables);
+            }
         }
     }
 }
