@@ -88,7 +88,9 @@ pub fn builtin(set: DetectorSet) -> Vec<Detector> {
             ),
             Detector::new(
                 "azure-storage-key",
-                r"(?i)\bAccountKey=([A-Za-z0-9+/]{86}==)",
+                // A storage account key is 64 random bytes: 88 base64 characters ending
+                // in `==`, found bare as well as after `AccountKey=`.
+                r"(?:\A|[^A-Za-z0-9+/])([A-Za-z0-9+/]{86}==)(?:[^A-Za-z0-9+/=]|\z)",
                 1,
                 None,
             ),

@@ -41,6 +41,8 @@ fn true_positives() -> Vec<(&'static str, String, &'static str)> {
         ("private-key", format!("key:\n{PEM}\nthanks"), "MIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun"),
         ("jwt", format!("token {JWT} end"), JWT),
         ("azure-storage-key", format!("DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={storage_key};EndpointSuffix=core.windows.net"), storage_key),
+        ("azure-storage-key", format!("{{\"key1\": \"{storage_key}\"}}"), storage_key),
+        ("azure-storage-key", storage_key.to_owned(), storage_key),
         ("azure-sas-signature", "https://acct.blob.core.windows.net/c/b?sv=2022-11-02&sig=Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MA%3D%3D&se=2030".into(), "Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MA%3D%3D"),
         ("connection-string-password", "Server=db;Database=orders;User Id=app;Password=Hunter2Secret!;".into(), "Hunter2Secret!"),
         ("url-password", "postgres://app:s3cr3t-pw@db:5432/orders".into(), "s3cr3t-pw"),

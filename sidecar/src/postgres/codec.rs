@@ -445,10 +445,20 @@ pub fn parse_notice_fields(body: &[u8]) -> Vec<(u8, String)> {
 
 /// An `ErrorResponse` with severity ERROR.
 pub fn error_response(code: &str, message: &str, hint: Option<&str>) -> Frame {
+    report(b'E', "ERROR", code, message, hint)
+}
+
+/// A `NoticeResponse` with severity WARNING (SQLSTATE 01000): what the agent is told
+/// without failing its statement.
+pub fn notice_response(message: &str) -> Frame {
+    report(b'N', "WARNING", "01000", message, None)
+}
+
+fn report(tag: u8, severity: &str, code: &str, message: &str, hint: Option<&str>) -> Frame {
     let mut body = BytesMut::new();
     for (field, value) in [
-        (b'S', "ERROR"),
-        (b'V', "ERROR"),
+        (b'S', severity),
+        (b'V', severity),
         (b'C', code),
         (b'M', message),
     ]
@@ -461,7 +471,7 @@ pub fn error_response(code: &str, message: &str, hint: Option<&str>) -> Frame {
         body.put_u8(0);
     }
     body.put_u8(0);
-    Frame::new(b'E', body)
+    Frame::new(tag, body)
 }
 
 /// A `ReadyForQuery` with transaction status `I`, `T` or `E`.

@@ -50,7 +50,8 @@ impl Catalog {
     ) -> Result<&mut upstream::Established, upstream::ConnectError> {
         let connection = match self.connection.take() {
             Some(c) => c,
-            None => upstream.connect(&[]).await?,
+            // Only the sidecar's own catalog reads and EXPLAINs run here.
+            None => upstream.connect(&[], true).await?,
         };
         Ok(self.connection.insert(connection))
     }

@@ -11,25 +11,29 @@
 //! error, so drivers stay in step.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use agentgate_crds::SqlStatementKind;
-use agentgate_policy::classify::classify_sql;
+use agentgate_policy::classify::{SqlContext, classify_sql_in};
 use agentgate_policy::masking::{MaskReport, MaskingProfile};
-use agentgate_policy::{RequestAttrs, SqlRequest, Target, evaluate};
+use agentgate_policy::{RequestAttrs, SqlRequest, SqlStatement, Target, evaluate};
 use bytes::{Bytes, BytesMut};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::codec::{
     self, Field, Frame, Frontend, ProtocolError, Startup, decode_frame, decode_startup,
-    error_response, parse_frontend, parse_notice_fields, parse_row_description, ready_for_query,
+    error_response, notice_response, parse_frontend, parse_notice_fields, parse_row_description,
+    ready_for_query,
 };
 use super::rows::{Column, mask_row};
-use super::upstream::{MAX_BACKEND_MESSAGE, PgUpstream, passed_parameters};
+use super::upstream::{
+    MAX_BACKEND_MESSAGE, PgUpstream, client_encoding_ok, parameter_status, passed_parameters,
+    pinned_report,
+};
 use super::{CancelTarget, Shared};
 use crate::body::Completion;
 use crate::gateway::{Gateway, Record};
@@ -137,21 +141,59 @@ async fn send<W: AsyncWrite + Unpin>(w: &mut W, frames: &[Frame]) -> std::io::Re
     w.flush().await
 }
 
-/// A portal the agent bound.
-#[derive(Debug, Clone)]
-struct Bound {
-    statement: String,
-    /// The parameters as audit records and approvers see them (masked).
-    shown: Vec<String>,
-    /// The parameters as sent, when all are text (for an impact estimate).
-    text: Option<Vec<Option<Bytes>>>,
-}
-
-/// A statement the agent prepared, as classified.
+/// A statement the server holds, as the agent parsed it and the gateway classified it.
 #[derive(Debug)]
 struct Prepared {
     sql: Arc<SqlRequest>,
     text: Arc<str>,
+    /// Its result columns, from the sidecar's own `Describe` after the Parse.
+    fields: OnceLock<Vec<Field>>,
+}
+
+/// A portal the server holds: the exact statement it was bound to — a later Parse of
+/// the same name does not change what an existing portal runs — and its parameters.
+#[derive(Debug)]
+struct Bound {
+    statement: Arc<Prepared>,
+    /// The parameters as audit records and approvers see them (masked).
+    shown: Vec<String>,
+    /// The parameters as sent, when all are text (for an impact estimate).
+    text: Option<Vec<Option<Bytes>>>,
+    /// Bind's result format codes.
+    result_formats: Vec<i16>,
+    /// Rows sent to the agent so far (the row limit counts across Executes).
+    sent: AtomicU64,
+}
+
+/// The statements and portals the server has confirmed (ParseComplete, BindComplete,
+/// CloseComplete), written by the server half as the confirmations arrive. The agent
+/// half decides `Bind`/`Execute` on these — never on what it sent but the server may
+/// have refused (a Parse of a name that exists fails, and the old statement stays).
+#[derive(Debug, Default)]
+struct Registry {
+    statements: HashMap<String, Arc<Prepared>>,
+    portals: HashMap<String, Arc<Bound>>,
+}
+
+/// Prepared statements (and portals) one session may hold at once.
+const MAX_PREPARED: usize = 10_000;
+/// Cursors one session may have declared at once.
+const MAX_CURSORS: usize = 1_000;
+/// How long a `Bind`/`Execute` waits for the server to confirm an earlier batch that
+/// changed the statement or portal it names.
+const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What the current batch (since the last `Sync` or `Query`) changed: within a batch
+/// the server runs messages in order and skips the rest after an error, so the agent
+/// half may rely on them; across batches only confirmed state counts.
+#[derive(Debug, Default)]
+struct Overlay {
+    statements: HashMap<String, Option<Arc<Prepared>>>,
+    portals: HashMap<String, Option<Arc<Bound>>>,
 }
 
 /// The agent half's view of the session.
@@ -167,6 +209,8 @@ struct Session {
     modified: Arc<AtomicU64>,
     /// The Connection's masking, for the server's errors and notices.
     masking: Arc<MaskingProfile>,
+    /// Whether the upstream session was pinned read-only.
+    read_only: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -262,8 +306,25 @@ impl Session {
             .map(|i| json!({ "issuer": i.issuer, "subject": i.subject, "email": i.email }));
         record.event.identity = identity_json.clone();
 
-        // 2. the sidecar's own login upstream
-        let established = match upstream.connect(&passed_parameters(params)).await {
+        // 2. the sidecar's own login upstream, with what changes how SQL is read pinned,
+        // and read-only when no policy lets this session write (a write the
+        // classification missed then still fails at the server).
+        if let Err(reason) = client_encoding_ok(params) {
+            let refusal = Refusal::Denied {
+                rule: None,
+                policy: None,
+                reason,
+            };
+            let e = refuse(&mut record, FEATURE_NOT_SUPPORTED, refusal);
+            let _ = send(agent, &[e]).await;
+            return None;
+        }
+        let read_only = agentgate_policy::session_is_read_only(&runtime.policy, connection);
+        record.event.request["readOnly"] = json!(read_only);
+        let established = match upstream
+            .connect(&passed_parameters(params), read_only)
+            .await
+        {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(connection = %connection, error = %e, detail = ?e, "upstream login failed");
@@ -305,6 +366,7 @@ impl Session {
             cancel_key,
             modified: Arc::new(AtomicU64::new(0)),
             masking: conn.masking.clone(),
+            read_only,
         })
     }
 
@@ -313,6 +375,8 @@ impl Session {
         let (agent_read, agent_write) = agent.into_split();
         let (server_read, server_write) = tokio::io::split(self.server);
         let (tx, rx) = mpsc::channel(PENDING);
+        let registry = Arc::new(std::sync::Mutex::new(Registry::default()));
+        let (resolved_tx, resolved) = watch::channel(0u64);
         let server_half = ServerHalf {
             gw: self.gw.clone(),
             connection: self.connection.clone(),
@@ -321,12 +385,13 @@ impl Session {
             pending: VecDeque::new(),
             rx,
             status: b'I',
-            statements: HashMap::new(),
-            portals: HashMap::new(),
+            registry: registry.clone(),
+            resolved: resolved_tx,
             modified: self.modified.clone(),
             seeking_sync: false,
             discarding: false,
             masking: self.masking.clone(),
+            read_only: self.read_only,
         };
         let server_task = tokio::spawn(server_half.run(server_read, self.server_buf));
         let mut agent_half = AgentHalf {
@@ -336,8 +401,16 @@ impl Session {
             identity_json: self.identity_json,
             server: server_write,
             tx,
-            statements: HashMap::new(),
-            portals: HashMap::new(),
+            registry,
+            overlay: Overlay::default(),
+            touched: HashMap::new(),
+            sent_batches: 0,
+            resolved,
+            cursors: HashMap::new(),
+            context: SqlContext {
+                search_path: self.upstream.search_path().to_vec(),
+            },
+            hold: None,
             upstream: self.upstream.clone(),
             skipping: false,
             modified: self.modified,
@@ -361,24 +434,23 @@ impl Session {
 enum Pending {
     /// A simple-protocol query: results up to `ReadyForQuery`.
     Query(Box<Execution>),
-    /// `ParseComplete`.
-    Parse,
+    /// `ParseComplete`: the statement is then the server's.
+    Parse {
+        name: String,
+        prepared: Arc<Prepared>,
+    },
     /// The sidecar's own `Describe` of a statement it saw parsed: swallowed, its row
     /// description kept for masking.
-    DescribeStatement(String),
-    /// `BindComplete`; the portal's columns come from its statement.
-    Bind {
-        portal: String,
-        statement: String,
-        result_formats: Vec<i16>,
-    },
+    DescribeStatement(Arc<Prepared>),
+    /// `BindComplete`: the portal is then the server's.
+    Bind { portal: String, bound: Arc<Bound> },
     /// The agent's `Describe`: up to `RowDescription` or `NoData`.
     Describe,
     /// A portal's rows, up to `CommandComplete`, `EmptyQueryResponse` or
     /// `PortalSuspended`.
     Execute(Box<Execution>),
-    /// `CloseComplete`.
-    Close,
+    /// `CloseComplete`: the statement (`S`) or portal (`P`) is gone.
+    Close { target: u8, name: String },
     /// `ReadyForQuery`.
     Sync,
     /// A refusal in place of the server's answer; with `ready`, a `ReadyForQuery` too
@@ -393,7 +465,10 @@ struct Execution {
     masking: Arc<MaskingProfile>,
     max_rows: Option<u64>,
     /// The portal, for extended-protocol executions (its rows count across Executes).
-    portal: Option<String>,
+    portal: Option<Arc<Bound>>,
+    /// Told whether the result was replaced (cut off, refused) when it ends, so the
+    /// agent half can hold back the rest of the batch until then.
+    done: Option<oneshot::Sender<bool>>,
     /// The statements, as classified.
     sql: Arc<SqlRequest>,
     /// The current result's columns.
@@ -434,8 +509,24 @@ struct AgentHalf {
     identity_json: Option<serde_json::Value>,
     server: tokio::io::WriteHalf<Box<dyn super::upstream::PgStream>>,
     tx: mpsc::Sender<Pending>,
-    statements: HashMap<String, Prepared>,
-    portals: HashMap<String, Bound>,
+    /// What the server confirmed.
+    registry: Arc<std::sync::Mutex<Registry>>,
+    /// What the current batch changed.
+    overlay: Overlay,
+    /// Statement (`S`) and portal (`P`) names → the batch that last changed them.
+    touched: HashMap<(u8, String), u64>,
+    /// Batches (`Sync`s and `Query`s) forwarded to the server.
+    sent_batches: u64,
+    /// Batches the server has answered (`ReadyForQuery`s), from the server half.
+    resolved: watch::Receiver<u64>,
+    /// Cursors this session declared → what their `DECLARE` reads.
+    cursors: HashMap<String, SqlStatement>,
+    /// How this session's SQL is read (its pinned search path).
+    context: SqlContext,
+    /// An execution whose result may still be replaced by a refusal (a row limit, a
+    /// column-masked COPY): nothing more of its batch goes to the server until its
+    /// outcome is known, so nothing the agent is told was not run runs unseen.
+    hold: Option<oneshot::Receiver<bool>>,
     upstream: Arc<PgUpstream>,
     /// After a refusal inside an extended-protocol batch: drop messages up to `Sync`.
     skipping: bool,
@@ -454,6 +545,8 @@ enum SessionEnd {
     ServerGone,
     #[error("the agent said goodbye")]
     Terminated,
+    #[error("the server did not confirm an earlier batch within {0:?}")]
+    Unconfirmed(std::time::Duration),
 }
 
 impl AgentHalf {
@@ -515,9 +608,19 @@ impl AgentHalf {
         if self.skipping && !matches!(message, Frontend::Sync | Frontend::Terminate) {
             return Ok(());
         }
+        if !matches!(
+            message,
+            Frontend::Sync | Frontend::Flush | Frontend::Terminate
+        ) && self.held_result_replaced().await?
+        {
+            // The agent was told the earlier result failed: the server must not run
+            // the rest of the batch either.
+            self.skipping = true;
+            return Ok(());
+        }
         match message {
             Frontend::Query(text) => {
-                let sql = Arc::new(classify_sql(&text));
+                let sql = Arc::new(classify_sql_in(&text, &self.context));
                 // Decide before anything reaches the server; flush first so earlier
                 // messages are not held back behind an approval.
                 self.flush().await?;
@@ -525,26 +628,52 @@ impl AgentHalf {
                     Ok(execution) => {
                         self.forward(&frame);
                         self.queue(Pending::Query(execution)).await?;
+                        // A simple query destroys the unnamed statement and portal.
+                        self.end_batch(true);
                     }
                     Err(error) => self.queue(Pending::Refused { error, ready: true }).await?,
                 }
             }
             Frontend::Parse { name, query } => {
-                let sql = Arc::new(classify_sql(&query));
+                let sql = Arc::new(classify_sql_in(&query, &self.context));
                 self.flush().await?;
+                if !name.is_empty()
+                    && self.statement(&name).await?.is_none()
+                    && lock(&self.registry).statements.len() + self.overlay.statements.len()
+                        >= MAX_PREPARED
+                {
+                    let error = error_response(
+                        PROGRAM_LIMIT,
+                        &format!(
+                            "agentgate: this session holds {MAX_PREPARED} prepared statements, the most it may; Close some"
+                        ),
+                        None,
+                    );
+                    return self.refuse_in_batch(error).await;
+                }
                 match self.decide(&sql, &query, None, None, true).await {
                     Ok(_) => {
+                        let prepared = Arc::new(Prepared {
+                            sql,
+                            text: query.into(),
+                            fields: OnceLock::new(),
+                        });
                         self.forward(&frame);
-                        self.queue(Pending::Parse).await?;
+                        self.queue(Pending::Parse {
+                            name: name.clone(),
+                            prepared: prepared.clone(),
+                        })
+                        .await?;
                         // Ask for the statement's columns, so its rows can be masked
                         // however the agent binds and describes it.
                         let mut describe = vec![b'S'];
                         describe.extend_from_slice(name.as_bytes());
                         describe.push(0);
                         self.forward(&Frame::new(b'D', describe));
-                        self.queue(Pending::DescribeStatement(name.clone())).await?;
-                        let text = query.into();
-                        self.statements.insert(name, Prepared { sql, text });
+                        self.queue(Pending::DescribeStatement(prepared.clone()))
+                            .await?;
+                        self.change(b'S', &name);
+                        self.overlay.statements.insert(name, Some(prepared));
                     }
                     Err(error) => self.refuse_in_batch(error).await?,
                 }
@@ -556,67 +685,59 @@ impl AgentHalf {
                 params,
                 result_formats,
             } => {
-                if !self.statements.contains_key(&statement) {
+                let Some(prepared) = self.statement(&statement).await? else {
                     let error = error_response(
                         "26000",
                         &format!("prepared statement {statement:?} does not exist"),
                         None,
                     );
                     return self.refuse_in_batch(error).await;
-                }
+                };
                 let shown = self.parameters(&param_formats, &params);
                 let text = param_formats
                     .iter()
                     .all(|f| *f == 0)
                     .then(|| params.clone());
-                self.portals.insert(
-                    portal.clone(),
-                    Bound {
-                        statement: statement.clone(),
-                        shown,
-                        text,
-                    },
-                );
+                let bound = Arc::new(Bound {
+                    statement: prepared,
+                    shown,
+                    text,
+                    result_formats,
+                    sent: AtomicU64::new(0),
+                });
                 self.forward(&frame);
                 self.queue(Pending::Bind {
-                    portal,
-                    statement,
-                    result_formats,
+                    portal: portal.clone(),
+                    bound: bound.clone(),
                 })
                 .await?;
+                self.change(b'P', &portal);
+                self.overlay.portals.insert(portal, Some(bound));
             }
             Frontend::Execute { portal, .. } => {
                 // Re-checked now: the policy may have changed, the session's write
-                // budget may be spent.
-                let Some(Bound {
-                    statement,
-                    shown: parameters,
-                    text: raw,
-                }) = self.portals.get(&portal).cloned()
-                else {
+                // budget may be spent. Decided on the statement the portal was bound
+                // to, as the server runs it.
+                let Some(bound) = self.portal(&portal).await? else {
                     let error =
                         error_response("34000", &format!("portal {portal:?} does not exist"), None);
                     return self.refuse_in_batch(error).await;
                 };
-                let Some((sql, text)) = self
-                    .statements
-                    .get(&statement)
-                    .map(|p| (p.sql.clone(), p.text.clone()))
-                else {
-                    let error = error_response(
-                        "26000",
-                        &format!("prepared statement {statement:?} does not exist"),
-                        None,
-                    );
-                    return self.refuse_in_batch(error).await;
-                };
                 self.flush().await?;
+                let statement = bound.statement.clone();
                 match self
-                    .decide(&sql, &text, Some(parameters), raw.as_deref(), false)
+                    .decide(
+                        &statement.sql,
+                        &statement.text,
+                        Some(bound.shown.clone()),
+                        bound.text.as_deref(),
+                        false,
+                    )
                     .await
                 {
                     Ok(mut execution) => {
-                        execution.portal = Some(portal);
+                        execution.portal = Some(bound);
+                        self.hold_if_replaceable(&mut execution);
                         self.forward(&frame);
                         self.queue(Pending::Execute(execution)).await?;
                     }
@@ -625,9 +746,9 @@ impl AgentHalf {
             }
             Frontend::Describe { target, name } => {
                 let known = if target == b'S' {
-                    self.statements.contains_key(&name)
+                    self.statement(&name).await?.is_some()
                 } else {
-                    self.portals.contains_key(&name)
+                    self.portal(&name).await?.is_some()
                 };
                 if !known {
                     let error = error_response("26000", &format!("{name:?} does not exist"), None);
@@ -637,18 +758,21 @@ impl AgentHalf {
                 self.queue(Pending::Describe).await?;
             }
             Frontend::Close { target, name } => {
+                self.change(target, &name);
                 if target == b'S' {
-                    self.statements.remove(&name);
+                    self.overlay.statements.insert(name.clone(), None);
                 } else {
-                    self.portals.remove(&name);
+                    self.overlay.portals.insert(name.clone(), None);
                 }
                 self.forward(&frame);
-                self.queue(Pending::Close).await?;
+                self.queue(Pending::Close { target, name }).await?;
             }
             Frontend::Sync => {
                 self.skipping = false;
+                self.hold = None;
                 self.forward(&frame);
                 self.queue(Pending::Sync).await?;
+                self.end_batch(false);
             }
             Frontend::Flush | Frontend::CopyData | Frontend::CopyDone | Frontend::CopyFail => {
                 self.forward(&frame)
@@ -678,6 +802,125 @@ impl AgentHalf {
             }
         }
         Ok(())
+    }
+
+    /// Notes that the current batch changes statement (`S`) or portal (`P`) `name`.
+    fn change(&mut self, target: u8, name: &str) {
+        self.touched
+            .insert((target, name.to_owned()), self.sent_batches + 1);
+    }
+
+    /// The current batch went to the server (`Sync`, or a simple `Query`, which also
+    /// destroys the unnamed statement and portal).
+    fn end_batch(&mut self, query: bool) {
+        if query {
+            self.change(b'S', "");
+            self.change(b'P', "");
+        }
+        self.sent_batches += 1;
+        self.overlay = Overlay::default();
+        // Names whose changes the server has answered need no waiting any more.
+        let resolved = *self.resolved.borrow();
+        self.touched.retain(|_, batch| *batch > resolved);
+    }
+
+    /// Waits, when an earlier batch changed `name` and the server has not answered it
+    /// yet, until it has: what the server did with it is then in the registry.
+    async fn confirmed(&mut self, target: u8, name: &str) -> Result<(), SessionEnd> {
+        let Some(&batch) = self.touched.get(&(target, name.to_owned())) else {
+            return Ok(());
+        };
+        if *self.resolved.borrow() >= batch {
+            return Ok(());
+        }
+        self.flush().await?;
+        let wait = self.resolved.wait_for(|r| *r >= batch);
+        match tokio::time::timeout(CONFIRM_TIMEOUT, wait).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(SessionEnd::ServerGone),
+            Err(_) => Err(SessionEnd::Unconfirmed(CONFIRM_TIMEOUT)),
+        }
+    }
+
+    /// The statement `name` as the server holds it (or as this batch made it).
+    async fn statement(&mut self, name: &str) -> Result<Option<Arc<Prepared>>, SessionEnd> {
+        if let Some(s) = self.overlay.statements.get(name) {
+            return Ok(s.clone());
+        }
+        self.confirmed(b'S', name).await?;
+        Ok(lock(&self.registry).statements.get(name).cloned())
+    }
+
+    /// The portal `name` as the server holds it (or as this batch made it).
+    async fn portal(&mut self, name: &str) -> Result<Option<Arc<Bound>>, SessionEnd> {
+        if let Some(p) = self.overlay.portals.get(name) {
+            return Ok(p.clone());
+        }
+        self.confirmed(b'P', name).await?;
+        Ok(lock(&self.registry).portals.get(name).cloned())
+    }
+
+    /// An execution whose result a limit could replace holds back the rest of its
+    /// batch until its outcome is known.
+    fn hold_if_replaceable(&mut self, execution: &mut Execution) {
+        let copies = execution
+            .sql
+            .statements
+            .iter()
+            .any(|s| s.kind == SqlStatementKind::Copy);
+        if execution.max_rows.is_some() || (copies && execution.masking.masks_columns()) {
+            let (tx, rx) = oneshot::channel();
+            execution.done = Some(tx);
+            self.hold = Some(rx);
+        }
+    }
+
+    /// Whether a held execution's result was replaced (waiting for it first).
+    async fn held_result_replaced(&mut self) -> Result<bool, SessionEnd> {
+        let Some(rx) = self.hold.take() else {
+            return Ok(false);
+        };
+        self.flush().await?;
+        // A result that ends without saying (the server half gave up on it) counts as
+        // replaced: the batch stops.
+        Ok(rx.await.unwrap_or(true))
+    }
+
+    /// The statements of `sql` with every `FETCH`/`MOVE` decided as what its cursor's
+    /// `DECLARE` reads. A cursor this session did not declare through the gateway is
+    /// refused: what it reads is unknown.
+    fn with_cursors(&self, sql: &SqlRequest) -> Result<SqlRequest, String> {
+        if !sql
+            .statements
+            .iter()
+            .any(|s| s.cursor.is_some() || s.declares.is_some())
+        {
+            return Ok(sql.clone());
+        }
+        let mut declared: HashMap<&str, &SqlStatement> = HashMap::new();
+        let mut out = sql.clone();
+        for (i, s) in sql.statements.iter().enumerate() {
+            if let Some(name) = &s.declares {
+                declared.insert(name, s);
+            }
+            if let Some(name) = &s.cursor {
+                let Some(d) = declared
+                    .get(name.as_str())
+                    .copied()
+                    .or_else(|| self.cursors.get(name))
+                else {
+                    return Err(format!(
+                        "cursor {name:?} was not declared in this session through agentgate, so what it reads is unknown; DECLARE it in this session"
+                    ));
+                };
+                out.statements[i] = SqlStatement {
+                    cursor: Some(name.clone()),
+                    declares: None,
+                    ..d.clone()
+                };
+            }
+        }
+        Ok(out)
     }
 
     /// A refusal inside an extended-protocol batch: the error now, then skip to `Sync`.
@@ -737,10 +980,20 @@ impl AgentHalf {
         let runtime: Arc<Runtime> = self.gw.config.load_full();
         let mut record = self.record(summary(sql));
         record.event.parameters = parameters;
+        // A FETCH is decided as what its cursor reads.
+        let with_cursors = self.with_cursors(sql);
+        let decided = with_cursors
+            .as_ref()
+            .map_or_else(|_| (**sql).clone(), Clone::clone);
+        let declares: Vec<(String, SqlStatement)> = decided
+            .statements
+            .iter()
+            .filter_map(|s| s.declares.clone().map(|n| (n, s.clone())))
+            .collect();
         let attrs = RequestAttrs {
             connection: self.connection.to_string(),
             identity: self.identity.clone(),
-            target: Target::Postgres((**sql).clone()),
+            target: Target::Postgres(decided),
         };
         let evaluation = evaluate(&runtime.policy, &attrs);
         record.event.policy = evaluation.policy.clone();
@@ -757,6 +1010,26 @@ impl AgentHalf {
             };
             error_response(code, &message, Some(refusal.next_step()))
         };
+        if let Err(reason) = with_cursors {
+            let refusal = Refusal::Denied {
+                rule: None,
+                policy: evaluation.policy.clone(),
+                reason,
+            };
+            return Err(refuse(&mut record, refusal));
+        }
+        let too_many_cursors = declares.iter().any(|(n, _)| !self.cursors.contains_key(n))
+            && self.cursors.len() + declares.len() > MAX_CURSORS;
+        if !at_parse && too_many_cursors {
+            let refusal = Refusal::Denied {
+                rule: None,
+                policy: evaluation.policy.clone(),
+                reason: format!(
+                    "this session has declared {MAX_CURSORS} cursors, the most it may; CLOSE some"
+                ),
+            };
+            return Err(refuse(&mut record, refusal));
+        }
         let held_for_execute = at_parse
             && matches!(
                 evaluation.decision,
@@ -828,11 +1101,18 @@ impl AgentHalf {
         if let Err(refusal) = self.gw.record_allowed(&mut record) {
             return Err(refuse(&mut record, refusal));
         }
+        if !at_parse {
+            // Predicted, not confirmed: a DECLARE the server refuses leaves an entry
+            // that only a cursor of the same name opened some other way (which needs a
+            // function no read rule allows) could use.
+            self.cursors.extend(declares);
+        }
         Ok(Box::new(Execution {
             record,
             masking: evaluation.masking.clone(),
             max_rows: evaluation.limits.max_rows_per_query,
             portal: None,
+            done: None,
             sql: sql.clone(),
             columns: Vec::new(),
             described: false,
@@ -871,10 +1151,10 @@ struct ServerHalf {
     /// The transaction status of the last `ReadyForQuery`, for refusals of simple
     /// queries.
     status: u8,
-    /// Statement → its row description (formats unset).
-    statements: HashMap<String, Vec<Field>>,
-    /// Portal → its columns with the bound formats, and rows sent so far.
-    portals: HashMap<String, (Vec<Field>, Vec<i16>, u64)>,
+    /// What the server confirmed, shared with the agent half.
+    registry: Arc<std::sync::Mutex<Registry>>,
+    /// `ReadyForQuery`s seen: the batches the server has answered.
+    resolved: watch::Sender<u64>,
     modified: Arc<AtomicU64>,
     /// After an error inside a batch: entries are dropped until its `Sync` arrives.
     seeking_sync: bool,
@@ -883,6 +1163,21 @@ struct ServerHalf {
     /// The Connection's masking, for the server's errors and notices (a constraint
     /// violation's DETAIL quotes the offending values).
     masking: Arc<MaskingProfile>,
+    /// Whether the session was pinned read-only (its setting must stay on).
+    read_only: bool,
+}
+
+/// Why the server half ends a session.
+#[derive(Debug, thiserror::Error)]
+enum ServerEnd {
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("the server reports {name} = {value:?}, but agentgate pinned it to {pinned:?}")]
+    Unpinned {
+        name: String,
+        value: String,
+        pinned: &'static str,
+    },
 }
 
 impl ServerHalf {
@@ -923,7 +1218,11 @@ impl ServerHalf {
                         match decode_frame(&mut buf, MAX_BACKEND_MESSAGE) {
                             Ok(Some(frame)) => {
                                 if let Err(e) = self.message(frame, &mut out).await {
-                                    tracing::warn!(connection = %self.connection, error = %e, "server message could not be handled; closing the session");
+                                    tracing::warn!(connection = %self.connection, error = %e, "closing the session");
+                                    if let ServerEnd::Unpinned { .. } = e {
+                                        let message = format!("agentgate: {e}; the session is closed");
+                                        error_response(PROTOCOL_VIOLATION, &message, None).encode(&mut out);
+                                    }
                                     let _ = self.agent.write_all(&out).await;
                                     return;
                                 }
@@ -1011,7 +1310,30 @@ impl ServerHalf {
         }
     }
 
-    async fn message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), ProtocolError> {
+    async fn message(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), ServerEnd> {
+        if frame.tag == b'S'
+            && let Some((name, value)) = parameter_status(&frame.body)
+            && let Some(pinned) = pinned_report(&name, self.read_only)
+            && !value.eq_ignore_ascii_case(pinned)
+        {
+            // Every way to change a pinned setting is refused; if the server still
+            // reports another value, SQL would be read differently from here on.
+            return Err(ServerEnd::Unpinned {
+                name,
+                value,
+                pinned,
+            });
+        }
+        let ready = frame.tag == b'Z';
+        self.answer(frame, out).await?;
+        if ready {
+            // Every change of the batch this answers is in the registry now.
+            self.resolved.send_modify(|n| *n += 1);
+        }
+        Ok(())
+    }
+
+    async fn answer(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), ProtocolError> {
         let frame = if matches!(frame.tag, b'E' | b'N') {
             // Fields are NUL-terminated text; replacements never hold a NUL.
             let mut report = MaskReport::default();
@@ -1039,19 +1361,23 @@ impl ServerHalf {
         let ends = match head {
             Pending::Query(_) => return self.result(frame, out, true).await,
             Pending::Execute(_) => return self.result(frame, out, false).await,
-            Pending::Parse => frame.tag == b'1',
-            Pending::DescribeStatement(name) => {
+            Pending::Parse { name, prepared } => {
+                if frame.tag == b'1' {
+                    lock(&self.registry)
+                        .statements
+                        .insert(std::mem::take(name), prepared.clone());
+                }
+                frame.tag == b'1'
+            }
+            Pending::DescribeStatement(prepared) => {
                 match frame.tag {
                     b't' => {}
                     b'T' => {
-                        let name = name.clone();
-                        self.statements
-                            .insert(name, parse_row_description(&frame.body)?);
+                        let _ = prepared.fields.set(parse_row_description(&frame.body)?);
                         self.pending.pop_front();
                     }
                     b'n' => {
-                        let name = name.clone();
-                        self.statements.insert(name, Vec::new());
+                        let _ = prepared.fields.set(Vec::new());
                         self.pending.pop_front();
                     }
                     _ => {
@@ -1064,20 +1390,26 @@ impl ServerHalf {
                 }
                 return Ok(());
             }
-            Pending::Bind {
-                portal,
-                statement,
-                result_formats,
-            } => {
+            Pending::Bind { portal, bound } => {
                 if frame.tag == b'2' {
-                    let fields = self.statements.get(statement).cloned().unwrap_or_default();
-                    let formats = expand(result_formats, fields.len());
-                    self.portals.insert(portal.clone(), (fields, formats, 0));
+                    lock(&self.registry)
+                        .portals
+                        .insert(std::mem::take(portal), bound.clone());
                 }
                 frame.tag == b'2'
             }
             Pending::Describe => matches!(frame.tag, b'T' | b'n'),
-            Pending::Close => frame.tag == b'3',
+            Pending::Close { target, name } => {
+                if frame.tag == b'3' {
+                    let mut registry = lock(&self.registry);
+                    if *target == b'S' {
+                        registry.statements.remove(name.as_str());
+                    } else {
+                        registry.portals.remove(name.as_str());
+                    }
+                }
+                frame.tag == b'3'
+            }
             Pending::Sync => {
                 if frame.tag == b'Z' {
                     self.status = frame.body.first().copied().unwrap_or(b'I');
@@ -1106,7 +1438,7 @@ impl ServerHalf {
     ) -> Result<(), ProtocolError> {
         let Some(e) = self.head() else { return Ok(()) };
         if e.silenced && frame.tag != b'Z' {
-            return Ok(());
+            return self.after_replaced(frame, out);
         }
         match frame.tag {
             b'T' => {
@@ -1127,14 +1459,20 @@ impl ServerHalf {
                 let portal = e.portal.clone();
                 let described = e.described;
                 let masking = e.masking.clone();
-                let (sent, fields) = portal
+                let sent = portal
                     .as_ref()
-                    .and_then(|p| self.portals.get(p))
-                    .map_or((0, None), |(f, formats, n)| {
-                        (*n, Some((f.clone(), formats.clone())))
-                    });
-                if !described && let Some((fields, formats)) = fields {
-                    let columns = self.columns(&fields, &formats, &masking).await;
+                    .map_or(0, |p| p.sent.load(Ordering::Relaxed));
+                if !described && let Some(portal) = &portal {
+                    // A portal's rows come without a RowDescription: its columns are its
+                    // statement's, in the formats it was bound with. Unknown columns
+                    // (no description arrived) are all masked.
+                    let columns = match portal.statement.fields.get() {
+                        Some(fields) => {
+                            let formats = expand(&portal.result_formats, fields.len());
+                            self.columns(fields, &formats, &masking).await
+                        }
+                        None => Vec::new(),
+                    };
                     if let Some(e) = self.head() {
                         e.columns = columns;
                         e.described = true;
@@ -1208,10 +1546,70 @@ impl ServerHalf {
                 self.status = frame.body.first().copied().unwrap_or(b'I');
                 frame.encode(out);
                 self.pending.pop_front();
+                // A simple query destroys the unnamed statement and portal.
+                let mut registry = lock(&self.registry);
+                registry.statements.remove("");
+                registry.portals.remove("");
             }
             _ if e.cut_off => {}
             _ => frame.encode(out),
         }
+        Ok(())
+    }
+
+    /// A result of a simple query string after an earlier one of the same string was
+    /// replaced by a refusal. The server runs the whole string; the agent, told of an
+    /// error, expects only `ReadyForQuery`. So each later statement's end is recorded
+    /// as run, charged to the write limit, and reported to the agent in a notice —
+    /// nothing it was not told of runs unseen.
+    fn after_replaced(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), ProtocolError> {
+        let modified = self.modified.clone();
+        let Some(e) = self.head() else { return Ok(()) };
+        let outcome = match frame.tag {
+            b'G' => {
+                e.copy_in = true;
+                None
+            }
+            b'C' => {
+                let tag =
+                    String::from_utf8_lossy(frame.body.strip_suffix(&[0]).unwrap_or(&frame.body))
+                        .into_owned();
+                let affected = codec::rows_modified(&tag, e.copy_in);
+                if let Some(n) = affected {
+                    modified.fetch_add(n, Ordering::Relaxed);
+                }
+                Some((affected, tag, None))
+            }
+            b'E' => {
+                let message = parse_notice_fields(&frame.body)
+                    .into_iter()
+                    .find(|(c, _)| *c == b'M')
+                    .map_or_else(|| "an error".to_owned(), |(_, m)| m);
+                Some((None, "ERROR".to_owned(), Some(message)))
+            }
+            // Rows and descriptions of results the agent does not expect are dropped.
+            _ => None,
+        };
+        let Some((affected, tag, error)) = outcome else {
+            return Ok(());
+        };
+        let rows = e.rows;
+        let done = e.end_result(affected);
+        let mut record = done;
+        record.0.event.rows_returned = Some(rows);
+        let note = match &error {
+            Some(m) => {
+                format!("ran after an earlier result of its query was cut off, and failed: {m}")
+            }
+            None => format!(
+                "ran after an earlier result of its query was cut off ({tag}); its result was not shown"
+            ),
+        };
+        self.record_result(record, Some(note.clone()));
+        notice_response(&format!(
+            "agentgate: a later statement of this query {note}"
+        ))
+        .encode(out);
         Ok(())
     }
 
@@ -1248,25 +1646,25 @@ impl ServerHalf {
             }
             None => frame.encode(out),
         }
-        let portal = e.portal.clone();
+        let replaced = error.is_some();
+        if let Some(done) = e.done.take() {
+            let _ = done.send(replaced);
+        }
+        if let Some(portal) = &e.portal {
+            portal.sent.fetch_add(rows, Ordering::Relaxed);
+        }
         let done = e.end_result(affected);
-        if error.is_some() {
+        if replaced {
             self.gw
                 .metrics
                 .responses_refused
                 .with_label_values(&["cut_off"])
                 .inc();
         }
-        let replaced = error.is_some();
         self.record_result(done, error);
-        if let Some(portal) = portal
-            && let Some((_, _, n)) = self.portals.get_mut(&portal)
-        {
-            *n += rows;
-        }
         if is_query {
             // After a replaced result the agent expects only ReadyForQuery: the rest of
-            // the string's results are dropped.
+            // the string's results are recorded and reported as notices.
             if replaced && let Some(e) = self.head() {
                 e.silenced = true;
             }
@@ -1303,6 +1701,10 @@ impl ServerHalf {
             .iter()
             .zip(formats.iter().copied().chain(std::iter::repeat(0)))
             .map(|(f, format)| match &names {
+                // A whole row of a table (`SELECT c FROM customers c`): every column.
+                _ if f.table_oid != 0 && f.column <= 0 && masking.masks_columns() => {
+                    Column::masked(f, format)
+                }
                 Some(names) => Column::new(
                     f,
                     format,

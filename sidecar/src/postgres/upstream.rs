@@ -35,6 +35,8 @@ pub struct PgUpstream {
     database: String,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     credentials: PathBuf,
+    /// The Connection's search path, pinned on every session.
+    search_path: Vec<String>,
 }
 
 /// Why a connection to the server could not be made.
@@ -132,6 +134,7 @@ impl PgUpstream {
             database,
             tls,
             credentials,
+            search_path: spec.upstream.effective_search_path(),
         })
     }
 
@@ -161,20 +164,56 @@ impl PgUpstream {
             .map_err(|e| ConnectError::Credential(format!("{}: {e}", path.display())))
     }
 
-    /// Opens and authenticates a session, passing the agent's harmless startup
-    /// `parameters` (application name, encodings, date style) along.
+    /// The search path every session of this Connection is pinned to.
+    pub fn search_path(&self) -> &[String] {
+        &self.search_path
+    }
+
+    /// The settings pinned on every session, as startup parameters: how the server
+    /// reads SQL text (UTF-8, standard-conforming strings — as the classifier reads it)
+    /// and where unqualified names resolve; read-only when `read_only`. Startup
+    /// parameters outrank role and database defaults, and `RESET` returns to them.
+    fn pins(&self, read_only: bool) -> Vec<(&'static str, String)> {
+        let quoted: Vec<String> = self
+            .search_path
+            .iter()
+            .map(|s| format!("\"{}\"", s.replace('"', "\"\"")))
+            .collect();
+        let mut pins = vec![
+            ("client_encoding", "UTF8".to_owned()),
+            ("standard_conforming_strings", "on".to_owned()),
+            ("search_path", quoted.join(", ")),
+        ];
+        if read_only {
+            pins.push(("default_transaction_read_only", "on".to_owned()));
+        }
+        pins
+    }
+
+    /// Opens and authenticates a session with the pinned settings (read-only when
+    /// `read_only`), passing the agent's harmless startup `parameters` (application
+    /// name, date style) along. The server's reported settings are checked against
+    /// the pins: a session the server does not pin as asked is not used.
     pub async fn connect(
         &self,
         parameters: &[(String, String)],
+        read_only: bool,
     ) -> Result<Established, ConnectError> {
         let user = self.credential("username")?;
         let password = self.credential("password")?;
         let mut stream = self.open().await?;
+        let pins = self.pins(read_only);
         let mut params = vec![
             ("user", user.as_str()),
             ("database", self.database.as_str()),
         ];
-        params.extend(parameters.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        params.extend(
+            parameters
+                .iter()
+                .filter(|(k, _)| !pins.iter().any(|(p, _)| k.eq_ignore_ascii_case(p)))
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        params.extend(pins.iter().map(|(k, v)| (*k, v.as_str())));
         stream.write_all(&startup_message(&params)).await?;
         let mut buf = BytesMut::with_capacity(8192);
         let mut scram: Option<ScramSha256> = None;
@@ -274,6 +313,16 @@ impl PgUpstream {
                         other as char
                     )));
                 }
+            }
+        }
+        for frame in &parameters {
+            if let Some((name, value)) = parameter_status(&frame.body)
+                && let Some(wanted) = pinned_report(&name, read_only)
+                && !value.eq_ignore_ascii_case(wanted)
+            {
+                return Err(ConnectError::Protocol(format!(
+                    "the database did not pin {name} (it reports {value:?}, agentgate asked for {wanted:?})"
+                )));
             }
         }
         Ok(Established {
@@ -457,9 +506,9 @@ impl Established {
 /// only. `user`, `database`, `options` (which could set the role or search path) and
 /// `replication` are never taken from the agent.
 pub fn passed_parameters(params: &[(String, String)]) -> Vec<(String, String)> {
-    const PASSED: [&str; 6] = [
+    // `client_encoding` is pinned (see `PgUpstream::pins`), never passed.
+    const PASSED: [&str; 5] = [
         "application_name",
-        "client_encoding",
         "datestyle",
         "timezone",
         "intervalstyle",
@@ -470,4 +519,46 @@ pub fn passed_parameters(params: &[(String, String)]) -> Vec<(String, String)> {
         .filter(|(k, _)| PASSED.contains(&k.to_ascii_lowercase().as_str()))
         .cloned()
         .collect()
+}
+
+/// A `ParameterStatus` body: name and value.
+pub fn parameter_status(body: &[u8]) -> Option<(String, String)> {
+    let mut parts = body.split(|b| *b == 0);
+    let name = std::str::from_utf8(parts.next()?).ok()?;
+    let value = std::str::from_utf8(parts.next()?).ok()?;
+    Some((name.to_owned(), value.to_owned()))
+}
+
+/// The value a pinned setting must report (`ParameterStatus`), if `name` is one the
+/// server reports.
+pub fn pinned_report(name: &str, read_only: bool) -> Option<&'static str> {
+    match name {
+        "client_encoding" => Some("UTF8"),
+        "standard_conforming_strings" => Some("on"),
+        "default_transaction_read_only" if read_only => Some("on"),
+        _ => None,
+    }
+}
+
+/// Whether the agent's startup `client_encoding` (if any) can be served: the gateway
+/// reads SQL as UTF-8 and pins the session to it. SQL_ASCII is ASCII-compatible and
+/// needs no conversion; an encoding whose multibyte characters can hold a quote or a
+/// backslash byte (GBK, SJIS, BIG5, …) would have the server read a string literal
+/// differently from the gateway, and others are refused alike rather than converted.
+pub fn client_encoding_ok(params: &[(String, String)]) -> Result<(), String> {
+    for (k, v) in params {
+        if k.eq_ignore_ascii_case("client_encoding") {
+            let norm: String = v
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric())
+                .collect::<String>()
+                .to_ascii_lowercase();
+            if !matches!(norm.as_str(), "utf8" | "unicode" | "sqlascii") {
+                return Err(format!(
+                    "agentgate reads SQL as UTF-8 and pins client_encoding to UTF8; connect with client_encoding UTF8 (PGCLIENTENCODING=UTF8), not {v:?}"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
