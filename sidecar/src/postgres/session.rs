@@ -880,6 +880,8 @@ impl AgentHalf {
         let Some(rx) = self.hold.take() else {
             return Ok(false);
         };
+        // The server keeps its answers buffered until a Sync or a Flush: ask for them.
+        self.forward(&Frame::new(b'H', Vec::new()));
         self.flush().await?;
         // A result that ends without saying (the server half gave up on it) counts as
         // replaced: the batch stops.
