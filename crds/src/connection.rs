@@ -24,6 +24,7 @@ use crate::common::{Condition, SecretKeyRef};
     printcolumn = r#"{"name":"Upstream","type":"string","jsonPath":".spec.upstream.address","description":"Where the sidecar forwards to"}"#,
     printcolumn = r#"{"name":"Port","type":"integer","jsonPath":".spec.listen.port","description":"Loopback port the agent connects to"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","description":"Whether the operator resolved this Connection"}"#,
+    printcolumn = r#"{"name":"Search path","type":"string","priority":1,"jsonPath":".status.searchPath","description":"The search_path agent sessions are pinned to (postgres)"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -203,4 +204,8 @@ pub struct ConnectionStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// For postgres Connections: the `search_path` the sidecar pins every agent session
+    /// to, and through which it resolves unqualified table names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search_path: Vec<String>,
 }

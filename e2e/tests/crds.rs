@@ -287,6 +287,22 @@ fn invalid_creations() -> Vec<(&'static str, Value, &'static str)> {
             "Connection",
             with(
                 pg(),
+                json!({ "protocol": "http", "upstream": { "address": "https://api.example", "database": null, "searchPath": ["public"] } }),
+            ),
+            "spec.upstream.searchPath is only for postgres Connections",
+        ),
+        (
+            "Connection",
+            with(
+                pg(),
+                json!({ "upstream": { "searchPath": ["public", "pg_temp"] } }),
+            ),
+            "spec.upstream.searchPath names plain schemas",
+        ),
+        (
+            "Connection",
+            with(
+                pg(),
                 json!({ "credentials": { "secretRef": null, "serviceAccount": { "name": "reader" } } }),
             ),
             "credentials.serviceAccount is only for kubernetes Connections",

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentgate_crds::{
-    AgentAccessPolicy, AgentAccessPolicyStatus, BUNDLE_KEY, Condition, Connection, ConnectionStatus,
+    AgentAccessPolicy, AgentAccessPolicyStatus, BUNDLE_KEY, Condition, Connection,
+    ConnectionStatus, Protocol,
 };
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
@@ -184,6 +185,10 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
                 readiness,
                 connection.status.as_ref().map(|s| &s.conditions[..]),
             )],
+            search_path: match connection.spec.protocol {
+                Protocol::Postgres => connection.spec.upstream.effective_search_path(),
+                _ => Vec::new(),
+            },
         };
         write_status(&ctx, connection, &status, readiness, "Connection").await?;
     }

@@ -135,6 +135,11 @@ async fn reconcile_inject_and_run_the_injected_sidecar() {
         .await;
         assert_eq!(status, "True");
     }
+    // A postgres Connection's status shows the search path its sessions are pinned to.
+    let pg = connections.get_status("orders-db").await.unwrap();
+    assert_eq!(pg.status.unwrap().search_path, ["public"]);
+    let http = connections.get_status("api").await.unwrap();
+    assert!(http.status.unwrap().search_path.is_empty());
     for name in ["reads", "db"] {
         wait_for("policy Ready", log, async || {
             readiness(&policies, name).await.filter(|r| r.0 == "True")

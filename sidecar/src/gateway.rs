@@ -206,12 +206,7 @@ pub async fn handle(
     };
     // The approver sees the method and path, masked like an audit record (a path can
     // carry a key).
-    let summary = || {
-        let shown = format!("{} {}", req.method(), req.uri().path());
-        let mut report = MaskReport::default();
-        String::from_utf8_lossy(&gw.audit_masking.mask_bytes(shown.as_bytes(), &mut report))
-            .into_owned()
-    };
+    let summary = || gw.mask_for_record(&format!("{} {}", req.method(), req.uri().path()));
     if let Err(refusal) = gw
         .approve(&evaluation, &attrs, summary, impact, &mut record)
         .await
@@ -330,11 +325,13 @@ impl Gateway {
 
     /// Records, counts and logs a refusal, whatever the protocol.
     pub(crate) fn note_refusal(&self, record: &mut Record, refusal: &Refusal) {
+        // A reason can quote what an upstream said: records show it masked.
+        let reason = self.mask_for_record(&refusal.reason());
         if let Some(approval) = &record.approval {
             self.approvals.executed(
                 approval,
                 Executed {
-                    error: Some(refusal.reason()),
+                    error: Some(reason.clone()),
                     ..Default::default()
                 },
             );
@@ -345,7 +342,7 @@ impl Gateway {
             .rule()
             .map(str::to_owned)
             .or(record.event.rule.take());
-        record.event.reason = Some(refusal.reason());
+        record.event.reason = Some(reason.clone());
         record.event.status = Some(refusal.status().as_u16());
         record.event.latency_ms = Some(record.started.elapsed().as_secs_f64() * 1000.0);
         if let Err(e) = self.audit.record(&record.event) {
@@ -357,7 +354,7 @@ impl Gateway {
         }
         self.count(record, refusal.decision());
         tracing::info!(request_id = %record.event.request_id, connection = %record.event.connection,
-            decision = refusal.decision(), rule = refusal.rule(), reason = %refusal.reason(), "request refused");
+            decision = refusal.decision(), rule = refusal.rule(), reason = %reason, "request refused");
     }
 
     /// The approval step for any protocol: a denial is the refusal returned; a hold
@@ -381,13 +378,7 @@ impl Gateway {
                 // What the preview says is shown like an audit record (an error message
                 // can quote a value).
                 let impact = impact.map(|mut impact| {
-                    let mut report = MaskReport::default();
-                    if let std::borrow::Cow::Owned(masked) = self
-                        .audit_masking
-                        .mask_bytes(impact.detail.as_bytes(), &mut report)
-                    {
-                        impact.detail = String::from_utf8_lossy(&masked).into_owned();
-                    }
+                    impact.detail = self.mask_for_record(&impact.detail);
                     impact
                 });
                 let estimate = impact.as_ref().and_then(|i| i.estimated_rows);
@@ -476,12 +467,23 @@ impl Gateway {
     }
 
     /// Records a completed request (`status` for HTTP), its masking and any cut-off.
+    /// `text` as every record (audit event, Approval, log) may show it: masked with the
+    /// audit profile, whatever the policy's own masking is.
+    pub(crate) fn mask_for_record(&self, text: &str) -> String {
+        let mut report = MaskReport::default();
+        String::from_utf8_lossy(&self.audit_masking.mask_bytes(text.as_bytes(), &mut report))
+            .into_owned()
+    }
+
     pub(crate) fn complete(
         &self,
         mut record: Record,
         status: Option<StatusCode>,
-        done: Completion,
+        mut done: Completion,
     ) {
+        // An error text can quote a value (a database's "invalid input syntax for type
+        // integer: …"): it reaches the audit trail and the Approval masked.
+        done.error = done.error.map(|e| self.mask_for_record(&e));
         record.event.kind = "completed";
         record.event.status = status.map(|s| s.as_u16());
         if let Some(approval) = &record.approval {

@@ -53,7 +53,7 @@ GRANT ALL ON ALL TABLES IN SCHEMA app TO app;
 /// Two Connections to the same server: `ro-db`, which no rule lets write (its sessions
 /// are read-only at the server), and `rw-db`, which may insert and holds deletes for
 /// approval (approvals are off here, so a held statement is refused).
-fn bundle(db_port: u16, ro_port: u16, rw_port: u16, issuer: &str) -> Value {
+fn bundle(db_port: u16, ro_port: u16, rw_port: u16, issuer: &str, masking: Value) -> Value {
     let conn = |name: &str, port: u16| {
         json!({ "name": name, "generation": 1, "spec": {
             "protocol": "postgres",
@@ -77,7 +77,7 @@ fn bundle(db_port: u16, ro_port: u16, rw_port: u16, issuer: &str) -> Value {
                 { "name": "deletes", "match": { "connections": ["rw-db"], "sql": { "statements": ["delete"] } }, "action": "approve",
                   "approval": { "approvers": { "groups": ["dba"] } } }
             ],
-            "masking": { "detectors": ["secrets", "pii"], "columns": ["customers.email", "*.ssn"] },
+            "masking": masking,
             "limits": { "maxRowsPerQuery": 50, "maxRowsModifiedPerSession": 5 } } }]
     })
 }
@@ -91,6 +91,11 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(json!({ "detectors": ["secrets", "pii"], "columns": ["customers.email", "*.ssn"] }))
+        .await
+}
+
+async fn setup_with(masking: Value) -> Setup {
     let sql = setup_sql();
     let db = tokio::task::spawn_blocking(move || Postgres::start(&sql).unwrap())
         .await
@@ -99,7 +104,7 @@ async fn setup() -> Setup {
     let issuer = OidcIssuer::start(&pki).await;
     let (ro, rw) = (free_port(), free_port());
     let sidecar = Sidecar::start(
-        &bundle(db.port, ro, rw, &issuer.url),
+        &bundle(db.port, ro, rw, &issuer.url, masking),
         "app=\"agent\"\n",
         |dir| {
             pki.write_ca(&dir.join("extra-ca.pem"));
@@ -760,4 +765,44 @@ async fn nothing_runs_unseen_after_a_cut_off() {
     );
     let audit = s.sidecar.audit();
     assert!(audit.contains("rowsAffected\":5"), "{audit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_texts_reach_the_record_masked_whatever_the_policy_masks() {
+    // This policy masks one column and runs no detectors: what the agent reads is its
+    // choice, but records (audit trail, log) always get the audit profile.
+    let s = setup_with(json!({ "columns": ["customers.email"] })).await;
+    const GITHUB: &str = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
+    for (sql, secret) in [
+        ("SELECT api_key::int FROM customers", STORAGE_KEY),
+        (
+            "SELECT 'ghp_abcdefghijklmnopqrstuvwxyz0123456789'::int",
+            GITHUB,
+        ),
+        (
+            "SELECT 'AKIAIOSFODNN7EXAMPLE'::numeric",
+            "AKIAIOSFODNN7EXAMPLE",
+        ),
+    ] {
+        // Control: the server's error quotes the value.
+        let o = s.direct(sql, "UTF8");
+        assert!(
+            text(&o.stderr).contains(secret),
+            "control: {}",
+            text(&o.stderr)
+        );
+        let o = s.gate(s.ro, sql, "UTF8");
+        assert!(
+            text(&o.stderr).contains("invalid input syntax"),
+            "{}",
+            text(&o.stderr)
+        );
+        for (what, record) in [("audit", s.sidecar.audit()), ("log", s.sidecar.log())] {
+            assert!(
+                !record.contains(secret),
+                "{secret} reached the {what}:\n{record}"
+            );
+        }
+    }
+    assert!(s.sidecar.audit().contains("invalid input syntax"));
 }
