@@ -73,6 +73,12 @@ pub struct ApprovalSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub decided_by: Option<String>,
+    /// The groups of the user who set `decision`, stamped by the admission webhook
+    /// with `decidedBy`. The sidecar runs an approved request only when they include
+    /// an approver group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(max = 256)))]
+    pub decided_by_groups: Vec<String>,
 }
 
 /// A human decision on an Approval: `Approved` or `Denied`.

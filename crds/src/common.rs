@@ -59,3 +59,42 @@ pub struct RequesterIdentity {
     #[schemars(length(max = 256), inner(length(max = 256)))]
     pub groups: Vec<String>,
 }
+
+impl RequesterIdentity {
+    /// Whether the Kubernetes user `username` may be this requester, however the API
+    /// server spells the user of a token: the identity model shared by the admission
+    /// webhook (who may decide) and the sidecar (whose decision it accepts).
+    ///
+    /// An API server configured for OIDC names a user by a claim (`sub`, `email`, …)
+    /// behind a prefix: the configured `prefixes` (`--oidc-username-prefix`, the
+    /// structured authentication `claimMappings.username.prefix`), any `name:` prefix
+    /// (`oidc:carol@example.com`), or the issuer and `#` (`https://issuer#u-42`). Every
+    /// such reading is compared with the token's subject and e-mail, case-insensitively
+    /// (e-mail addresses are). Reading too many spellings as the requester only refuses
+    /// a self-approval more; reading too few would let one through.
+    pub fn is_user(&self, username: &str, prefixes: &[String]) -> bool {
+        let mut candidates: Vec<&str> = vec![username];
+        candidates.extend(
+            prefixes
+                .iter()
+                .filter_map(|p| username.strip_prefix(p.as_str())),
+        );
+        if let Some((_, rest)) = username.rsplit_once('#') {
+            candidates.push(rest);
+        }
+        if !username.starts_with("system:")
+            && let Some((_, rest)) = username.split_once(':')
+        {
+            candidates.push(rest);
+        }
+        candidates.iter().any(|c| {
+            let c = c.trim();
+            !c.is_empty()
+                && (c.eq_ignore_ascii_case(&self.subject)
+                    || self
+                        .email
+                        .as_deref()
+                        .is_some_and(|e| c.eq_ignore_ascii_case(e)))
+        })
+    }
+}

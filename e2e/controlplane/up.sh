@@ -46,11 +46,14 @@ openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
 openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
 
 # --- users: static tokens (user,uid,groups) ------------------------------------------------
-users=("admin:system:masters" "alice:dba-oncall" "bob:developers" "carol:dba-oncall,developers")
+# name|groups. "oidc:carol@example.com" is carol as an API server configured for OIDC with
+# the username prefix "oidc:" names her.
+users=("admin|system:masters" "alice|dba-oncall" "bob|developers" "carol|dba-oncall,developers"
+       "oidc:carol@example.com|dba-oncall")
 : > "$dir/tokens.csv"
 declare -A token
 for entry in "${users[@]}"; do
-  name=${entry%%:*}; groups=${entry#*:}
+  name=${entry%%|*}; groups=${entry#*|}
   token[$name]=$(openssl rand -hex 24)
   echo "${token[$name]},$name,uid-$name,\"$groups\"" >> "$dir/tokens.csv"
 done
@@ -88,15 +91,15 @@ ca_data=$(base64 -w0 < "$pki/ca.crt")
   echo "  cluster: { server: \"https://127.0.0.1:$api_port\", certificate-authority-data: \"$ca_data\" }"
   echo "users:"
   for entry in "${users[@]}"; do
-    name=${entry%%:*}
-    echo "- name: $name"
+    name=${entry%%|*}
+    echo "- name: \"$name\""
     echo "  user: { token: \"${token[$name]}\" }"
   done
   echo "contexts:"
   for entry in "${users[@]}"; do
-    name=${entry%%:*}
-    echo "- name: $name"
-    echo "  context: { cluster: agentgate-test, user: $name, namespace: default }"
+    name=${entry%%|*}
+    echo "- name: \"$name\""
+    echo "  context: { cluster: agentgate-test, user: \"$name\", namespace: default }"
   done
   echo "current-context: admin"
 } > "$dir/kubeconfig"

@@ -30,6 +30,9 @@ pub mod users {
     pub const BOB: &str = "bob";
     /// Groups `dba-oncall`, `developers`.
     pub const CAROL: &str = "carol";
+    /// carol as an OIDC-configured API server names her (`oidc:` + her e-mail); groups
+    /// `dba-oncall`.
+    pub const CAROL_OIDC: &str = "oidc:carol@example.com";
 }
 
 /// A running kube-apiserver + etcd pair.

@@ -78,6 +78,14 @@ pub struct Settings {
     #[arg(long, env = "AGENTGATE_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
 
+    /// Username prefixes the API server puts before token users (its
+    /// `--oidc-username-prefix`, or structured authentication's
+    /// `claimMappings.username.prefix`), comma-separated: a decider `oidc:carol@…` is
+    /// then recognized as requester `carol@…`. `name:` and `issuer#` prefixes are
+    /// recognized without it.
+    #[arg(long, env = "AGENTGATE_USERNAME_PREFIXES", value_delimiter = ',')]
+    pub username_prefixes: Vec<String>,
+
     /// How long finished Approvals (executed, failed, denied, expired) are kept.
     #[arg(long, env = "AGENTGATE_APPROVAL_RETENTION", default_value = "168h", value_parser = parse_duration)]
     pub approval_retention: Duration,

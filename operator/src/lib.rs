@@ -123,6 +123,9 @@ pub async fn run(
         bundles,
         inject: InjectConfig::new(settings.sidecar_image.clone()),
         metrics: metrics.clone(),
+        identity: crate::approvals::IdentityModel {
+            username_prefixes: settings.username_prefixes.clone(),
+        },
     });
     let listener = tokio::net::TcpListener::bind(settings.webhook_addr)
         .await

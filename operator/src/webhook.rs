@@ -34,6 +34,8 @@ pub struct WebhookState {
     pub inject: InjectConfig,
     /// Metrics.
     pub metrics: Metrics,
+    /// How a decider is compared with the requester.
+    pub identity: approvals::IdentityModel,
 }
 
 impl std::fmt::Debug for WebhookState {
@@ -87,7 +89,7 @@ async fn route(state: &WebhookState, req: Request<Incoming>) -> Response<Full<By
                     let (response, outcome) = if path == "/mutate/approvals" {
                         mutate_approval(&request)
                     } else {
-                        validate_approval(&request)
+                        validate_approval(state, &request)
                     };
                     ("approvals", response, outcome)
                 }
@@ -153,7 +155,7 @@ where
     })
 }
 
-/// Stamps `spec.decidedBy` with the deciding user.
+/// Stamps `spec.decidedBy` and `spec.decidedByGroups` with the deciding user's.
 fn mutate_approval(request: &AdmissionRequest<Approval>) -> (AdmissionResponse, &'static str) {
     let response = AdmissionResponse::from(request);
     let Some(new) = &request.object else {
@@ -174,13 +176,17 @@ fn mutate_approval(request: &AdmissionRequest<Approval>) -> (AdmissionResponse, 
 }
 
 /// Refuses decisions that break separation of duties.
-fn validate_approval(request: &AdmissionRequest<Approval>) -> (AdmissionResponse, &'static str) {
+fn validate_approval(
+    state: &WebhookState,
+    request: &AdmissionRequest<Approval>,
+) -> (AdmissionResponse, &'static str) {
     let response = AdmissionResponse::from(request);
     let Some(new) = &request.object else {
         return (response, "skipped");
     };
     let decider = approvals::Decider::of(request);
-    match approvals::check(new, request.old_object.as_ref(), &decider, Timestamp::now()) {
+    let old = request.old_object.as_ref();
+    match approvals::check(new, old, &decider, &state.identity, Timestamp::now()) {
         Ok(()) => (response, "allowed"),
         Err(reason) => {
             tracing::info!(approval = ?new.metadata.name, user = %decider.username, %reason, "approval decision refused");

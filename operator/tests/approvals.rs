@@ -62,6 +62,14 @@ async fn only_an_approver_who_is_not_the_requester_can_decide_and_decided_by_is_
     )
     .unwrap_err();
     assert!(err.contains("requested this and cannot decide it"), "{err}");
+    // Nor under the name an OIDC-configured API server gives her (`oidc:` + e-mail).
+    let err = decide(
+        &["--context", users::CAROL_OIDC],
+        "apr-delete-1",
+        approve.clone(),
+    )
+    .unwrap_err();
+    assert!(err.contains("requested this and cannot decide it"), "{err}");
     // The agent's side (any service account of its namespace) cannot, even in the group.
     let err = decide(
         &["--as", &sidecar, "--as-group", "dba-oncall"],
@@ -93,6 +101,18 @@ async fn only_an_approver_who_is_not_the_requester_can_decide_and_decided_by_is_
         ])
         .unwrap();
     assert_eq!(decided_by, "alice");
+    let groups = cp
+        .kubectl_output(&[
+            "get",
+            "approval",
+            "apr-delete-1",
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.spec.decidedByGroups}",
+        ])
+        .unwrap();
+    assert!(groups.contains("dba-oncall"), "{groups}");
 
     // The operator publishes one Event for the decision.
     wait_for("the decision's Event", String::new, async || {
@@ -144,6 +164,68 @@ async fn only_an_approver_who_is_not_the_requester_can_decide_and_decided_by_is_
         json!({ "spec": { "decision": "Denied", "reason": "too late" } }),
     )
     .unwrap();
+
+    // Creation: only the agent's sidecar (its service account in the Approval's own
+    // namespace) holds requests, for an agent of that namespace, and never decided.
+    let sa = format!("system:serviceaccount:{ns}:claude");
+    let creator = json!({ "apiVersion": "v1", "kind": "List", "items": [
+        { "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+          "metadata": { "name": "holder", "namespace": ns },
+          "rules": [{ "apiGroups": ["agentgate.dev"], "resources": ["approvals"], "verbs": ["create"] }] },
+        { "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+          "metadata": { "name": "holder", "namespace": ns },
+          "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "holder" },
+          "subjects": [
+            { "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": sa },
+            { "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "developers" } ] }
+    ]});
+    kubectl_apply(cp, &creator.to_string());
+    let create_as = |who: &[&str], object: serde_json::Value| {
+        let mut args = who.to_vec();
+        args.extend(["create", "-f", "-"]);
+        let mut child = cp
+            .kubectl()
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(
+            &mut child.stdin.take().unwrap(),
+            object.to_string().as_bytes(),
+        )
+        .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let object = |name: &str, agent_ns: &str, decided: bool| {
+        let mut a: serde_json::Value =
+            serde_json::from_str(&approval(&ns, name, "2099-01-01T00:00:00Z")).unwrap();
+        a["spec"]["agent"]["namespace"] = json!(agent_ns);
+        if decided {
+            a["spec"]["decision"] = json!("Approved");
+            a["spec"]["decidedBy"] = json!("alice");
+        }
+        a
+    };
+    // Control: the agent's service account may hold a request of its own namespace.
+    let (ok, err) = create_as(&["--as", &sa], object("apr-held", &ns, false));
+    assert!(ok, "{err}");
+    // It may not create one already approved, naming another namespace or not.
+    let (ok, err) = create_as(&["--as", &sa], object("apr-forged", "elsewhere", true));
+    assert!(!ok && err.contains("created undecided"), "{err}");
+    let (ok, err) = create_as(&["--as", &sa], object("apr-forged", "elsewhere", false));
+    assert!(
+        !ok && err.contains("not this Approval's namespace"),
+        "{err}"
+    );
+    // A person (with RBAC to create) is not the agent's sidecar.
+    let (ok, err) = create_as(&["--context", users::BOB], object("apr-by-bob", &ns, false));
+    assert!(!ok && err.contains("only the agent's sidecar"), "{err}");
 }
 
 /// The sidecar binary in front of a real PostgreSQL, holding its approvals on the real
@@ -426,6 +508,66 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
     assert!(
         !ok && out.contains("held for approval in Approval"),
         "the approval was spent: {out}"
+    );
+
+    // 5b. The held request's Approval is deleted and re-created under its name (and the
+    // copy approved): the agent is told at once that it was deleted, nothing runs, and
+    // the sidecar writes nothing onto the object it did not create.
+    let known_now = |cp: &ControlPlane| -> Vec<String> {
+        cp.kubectl_output(&[
+            "get",
+            "approvals",
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+        .unwrap()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+    };
+    let before = known_now(cp);
+    let replaced = run("DELETE FROM orders WHERE id = 4");
+    let victim = pending(&before).await;
+    let copy = cp
+        .kubectl_output(&["get", "approval", &victim, "-n", &ns, "-o", "json"])
+        .unwrap();
+    let mut copy: serde_json::Value = serde_json::from_str(&copy).unwrap();
+    for field in [
+        "uid",
+        "resourceVersion",
+        "creationTimestamp",
+        "managedFields",
+    ] {
+        copy["metadata"].as_object_mut().unwrap().remove(field);
+    }
+    copy.as_object_mut().unwrap().remove("status");
+    let asked = std::time::Instant::now();
+    cp.kubectl_output(&["delete", "approval", &victim, "-n", &ns])
+        .unwrap();
+    kubectl_apply(cp, &copy.to_string());
+    let (ok, out) = replaced.join().unwrap();
+    assert!(!ok && out.contains("was deleted"), "{out}");
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(30),
+        "told at once"
+    );
+    decide(&victim, "Approved");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(
+        get(&victim, "{.status.phase}"),
+        "",
+        "the sidecar wrote onto the copy"
+    );
+    assert_eq!(
+        db.psql_as(
+            ("app", "app-pw-3b9e"),
+            &["-c", "SELECT count(*) FROM orders WHERE id = 4"]
+        )
+        .unwrap()
+        .trim(),
+        "1"
     );
 
     // 6. The sidecar dies while a request is held: the agent's connection ends (nothing

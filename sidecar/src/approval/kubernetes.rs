@@ -40,7 +40,12 @@ pub struct KubeApprovals {
     grants: Arc<Mutex<Vec<Grant>>>,
     /// `mode: retry`: the requests refused while their Approval is open, by request.
     retries: Arc<Mutex<HashMap<String, Retry>>>,
+    /// The Approvals this sidecar created and may still write a result onto → UID.
+    uids: Arc<Mutex<HashMap<String, String>>>,
 }
+
+/// Approvals whose result is still to be written, at most (a bound on `uids`).
+const MAX_OPEN_APPROVALS: usize = 10_000;
 
 /// Where a `mode: retry` request stands.
 #[derive(Debug, Clone)]
@@ -74,7 +79,14 @@ impl KubeApprovals {
             service_account,
             grants: Arc::default(),
             retries: Arc::default(),
+            uids: Arc::default(),
         }
+    }
+
+    fn uids(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.uids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn grants(&self) -> std::sync::MutexGuard<'_, Vec<Grant>> {
@@ -153,6 +165,7 @@ impl KubeApprovals {
             decision: None,
             reason: None,
             decided_by: None,
+            decided_by_groups: Vec::new(),
         };
         let mut approval = Approval::new(name, spec);
         approval.metadata.labels = Some(
@@ -161,10 +174,6 @@ impl KubeApprovals {
                 .collect(),
         );
         approval
-    }
-
-    async fn set_status(&self, name: &str, status: serde_json::Value) {
-        set_status(&self.api, name, status).await;
     }
 
     fn retries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Retry>> {
@@ -220,20 +229,44 @@ impl KubeApprovals {
         }
         let name = approval_name();
         let object = self.approval_object(&name, &request);
-        if let Err(e) = self.api.create(&PostParams::default(), &object).await {
-            tracing::error!(error = %e, "cannot create an Approval");
+        let created = match self.api.create(&PostParams::default(), &object).await {
+            Ok(created) => created,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create an Approval");
+                return ApprovalOutcome::Refused {
+                    reason: format!(
+                        "this request needs a human's approval (approvers: {approvers}), but the Approval could not be created: {e}"
+                    ),
+                };
+            }
+        };
+        // Only the object this sidecar created counts: a decision on another object of
+        // the same name (deleted and re-created) is never acted on.
+        let Some(uid) = created.metadata.uid.clone() else {
             return ApprovalOutcome::Refused {
                 reason: format!(
-                    "this request needs a human's approval (approvers: {approvers}), but the Approval could not be created: {e}"
+                    "the API server created Approval {name} without a UID; the request was not run"
                 ),
             };
+        };
+        set_status(&self.api, &name, &uid, json!({ "phase": "Pending" })).await;
+        {
+            let mut uids = self.uids();
+            if uids.len() >= MAX_OPEN_APPROVALS {
+                // Results of the oldest are then not written; the requests are unaffected.
+                uids.clear();
+            }
+            uids.insert(name.clone(), uid.clone());
         }
-        self.set_status(&name, json!({ "phase": "Pending" })).await;
         tracing::info!(approval = %name, connection = %request.attrs.connection, "request held for approval");
         let settle = Settle {
             api: self.api.clone(),
             grants: self.grants.clone(),
             name: name.clone(),
+            uid,
+            uids: self.uids.clone(),
+            requester: object.spec.requester.clone(),
+            approver_groups: settings.approvers.groups.clone(),
             timeout: request.approval.timeout,
             approvers: approvers.clone(),
             grant: Self::grant_key(settings.grant, &request).map(|key| {
@@ -298,9 +331,14 @@ impl KubeApprovals {
             let Some(name) = approval.metadata.name else {
                 continue;
             };
+            let Some(uid) = approval.metadata.uid else {
+                continue;
+            };
             tracing::info!(approval = %name, "marking a request held before a restart Expired");
-            self.set_status(
+            set_status(
+                &self.api,
                 &name,
+                &uid,
                 json!({ "phase": "Expired", "result": { "message": "the sidecar restarted while the request was held; the agent's connection ended and it must ask again" } }),
             )
             .await;
@@ -318,29 +356,33 @@ impl ApprovalHook for KubeApprovals {
 
     fn executed(&self, approval: &str, outcome: Executed) {
         let (api, name) = (self.api.clone(), approval.to_owned());
+        let Some(uid) = self.uids().remove(approval) else {
+            tracing::warn!(
+                approval,
+                "not recording the result: this sidecar did not create that Approval (or forgot it)"
+            );
+            return;
+        };
         let phase = if outcome.error.is_some() {
             "Failed"
         } else {
             "Executed"
         };
-        let status = json!({ "status": {
+        let message = outcome.error.map(|m| truncate(&m, 1024));
+        let status = json!({
             "phase": phase,
             "executedAt": Timestamp::now().to_string(),
-            "result": { "rowsAffected": outcome.rows_affected, "httpStatus": outcome.http_status, "message": outcome.error },
-        }});
-        tokio::spawn(async move {
-            if let Err(e) = api
-                .patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
-                .await
-            {
-                tracing::warn!(approval = %name, error = %e, "cannot record what the approved request did");
-            }
+            "result": { "rowsAffected": outcome.rows_affected, "httpStatus": outcome.http_status, "message": message },
         });
+        tokio::spawn(async move { set_status(&api, &name, &uid, status).await });
     }
 }
 
-async fn set_status(api: &Api<Approval>, name: &str, status: serde_json::Value) {
-    let patch = Patch::Merge(json!({ "status": status }));
+/// Writes `status` onto the Approval `name` — only if it is still the object with `uid`
+/// (the UID in the patch is a precondition: the API server refuses it for a deleted
+/// and re-created object of the same name).
+async fn set_status(api: &Api<Approval>, name: &str, uid: &str, status: serde_json::Value) {
+    let patch = Patch::Merge(json!({ "metadata": { "uid": uid }, "status": status }));
     if let Err(e) = api
         .patch_status(name, &PatchParams::default(), &patch)
         .await
@@ -349,28 +391,72 @@ async fn set_status(api: &Api<Approval>, name: &str, status: serde_json::Value) 
     }
 }
 
-/// Waits on a watch of `name` until it carries a decision; `None` on timeout or when the
-/// object goes away.
-async fn wait(api: &Api<Approval>, name: &str, timeout: Duration) -> Option<Approval> {
+/// How waiting on an Approval ended.
+enum Waited {
+    Decided(Box<Approval>),
+    /// The object was deleted (or replaced by another of the same name).
+    Deleted,
+    TimedOut,
+}
+
+/// Waits on a watch of `name` until the object with `uid` carries a decision.
+async fn wait(api: &Api<Approval>, name: &str, uid: &str, timeout: Duration) -> Waited {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let decided = async {
         let mut events = std::pin::pin!(watcher(api.clone(), config));
         while let Some(event) = events.next().await {
             match event {
-                Ok(watcher::Event::Apply(a) | watcher::Event::InitApply(a))
-                    if a.spec.decision.is_some() =>
-                {
-                    return Some(a);
+                Ok(watcher::Event::Apply(a) | watcher::Event::InitApply(a)) => {
+                    if a.metadata.uid.as_deref() != Some(uid) {
+                        return Waited::Deleted;
+                    }
+                    if a.spec.decision.is_some() {
+                        return Waited::Decided(Box::new(a));
+                    }
                 }
-                Ok(watcher::Event::Delete(_)) => return None,
+                Ok(watcher::Event::Delete(_)) => return Waited::Deleted,
                 Ok(_) => {}
                 // The watcher retries by itself; keep waiting until the timeout.
                 Err(e) => tracing::debug!(approval = name, error = %e, "approval watch error"),
             }
         }
-        None
+        Waited::Deleted
     };
-    tokio::time::timeout(timeout, decided).await.ok().flatten()
+    tokio::time::timeout(timeout, decided)
+        .await
+        .unwrap_or(Waited::TimedOut)
+}
+
+/// Why a decision is not one the sidecar may act on, if it is not: an approval must
+/// carry the admission webhook's stamp (who decided, with their groups), name a decider
+/// in an approver group, and not be the requester's own under any spelling of their
+/// name. A denial needs nothing: refusing is always safe.
+fn unverifiable(
+    decided: &Approval,
+    requester: &RequesterIdentity,
+    approvers: &[String],
+) -> Option<String> {
+    if decided.spec.decision != Some(Decision::Approved) {
+        return None;
+    }
+    let Some(by) = decided.spec.decided_by.as_deref().filter(|b| !b.is_empty()) else {
+        return Some("it has no decidedBy stamp".into());
+    };
+    if requester.is_user(by, &[]) {
+        return Some(format!("it was approved by {by}, the requester"));
+    }
+    if !decided
+        .spec
+        .decided_by_groups
+        .iter()
+        .any(|g| approvers.contains(g))
+    {
+        return Some(format!(
+            "its stamp does not put {by} in an approver group ({})",
+            approvers.join(", ")
+        ));
+    }
+    None
 }
 
 /// What settling an Approval needs, owned, so it can run after the request was refused
@@ -379,6 +465,12 @@ struct Settle {
     api: Api<Approval>,
     grants: Arc<Mutex<Vec<Grant>>>,
     name: String,
+    /// The UID of the object the sidecar created.
+    uid: String,
+    /// The sidecar's open Approvals: a refused one has no result to write.
+    uids: Arc<Mutex<HashMap<String, String>>>,
+    requester: RequesterIdentity,
+    approver_groups: Vec<String>,
     timeout: Duration,
     approvers: String,
     /// The grant an approval gives, if any: (Connection, key, lifetime).
@@ -388,24 +480,65 @@ struct Settle {
 impl Settle {
     /// Waits for the decision and records it: status, grant, and what the agent is told.
     async fn run(self) -> ApprovalOutcome {
+        let (name, uids) = (self.name.clone(), self.uids.clone());
+        let outcome = self.settle().await;
+        if let ApprovalOutcome::Refused { .. } = outcome {
+            uids.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&name);
+        }
+        outcome
+    }
+
+    async fn settle(self) -> ApprovalOutcome {
         let name = self.name;
-        let Some(decided) = wait(&self.api, &name, self.timeout).await else {
-            set_status(&self.api, &name, json!({ "phase": "Expired" })).await;
+        let uid = self.uid;
+        let decided = match wait(&self.api, &name, &uid, self.timeout).await {
+            Waited::Decided(a) => a,
+            Waited::Deleted => {
+                // Nothing is written: the object there now (if any) is not this one.
+                return ApprovalOutcome::Refused {
+                    reason: format!(
+                        "Approval {name} was deleted before it was decided; the request was not run. Ask again"
+                    ),
+                };
+            }
+            Waited::TimedOut => {
+                set_status(&self.api, &name, &uid, json!({ "phase": "Expired" })).await;
+                return ApprovalOutcome::Refused {
+                    reason: format!(
+                        "Approval {name} was not decided within {}s; the request was not run. Ask again when an approver ({}) is available",
+                        self.timeout.as_secs(),
+                        self.approvers
+                    ),
+                };
+            }
+        };
+        let now = Timestamp::now().to_string();
+        if let Some(why) = unverifiable(&decided, &self.requester, &self.approver_groups) {
+            tracing::warn!(approval = %name, %why, "refusing a decision that cannot be verified");
+            let message = format!("the decision could not be verified: {why}");
+            set_status(
+                &self.api,
+                &name,
+                &uid,
+                json!({ "phase": "Failed", "result": { "message": message } }),
+            )
+            .await;
             return ApprovalOutcome::Refused {
                 reason: format!(
-                    "Approval {name} was not decided within {}s; the request was not run. Ask again when an approver ({}) is available",
-                    self.timeout.as_secs(),
+                    "Approval {name} carries a decision agentgate cannot verify ({why}); the request was not run. An approver ({}) must decide it through the webhook-checked API",
                     self.approvers
                 ),
             };
-        };
-        let now = Timestamp::now().to_string();
+        }
         let by = decided.spec.decided_by.clone().unwrap_or_default();
         let reason = decided.spec.reason.clone().unwrap_or_default();
         if decided.spec.decision == Some(Decision::Approved) {
             set_status(
                 &self.api,
                 &name,
+                &uid,
                 json!({ "phase": "Approved", "decidedAt": now }),
             )
             .await;
@@ -428,6 +561,7 @@ impl Settle {
             set_status(
                 &self.api,
                 &name,
+                &uid,
                 json!({ "phase": "Denied", "decidedAt": now }),
             )
             .await;
