@@ -135,8 +135,9 @@ pub struct SqlStatement {
     pub has_where: bool,
     /// Every function called, as written (`lower`, `pg_catalog.lower`, `app.report`).
     pub functions: Vec<String>,
-    /// Functions called that are never allowed without approval (`pg_read_file`,
-    /// `dblink`, `table_to_xml`, …).
+    /// Functions called (and catalog relations read: `relation pg_catalog.pg_stats`)
+    /// that are never allowed without approval (`pg_read_file`, `dblink`,
+    /// `table_to_xml`, statistics samples, other sessions' SQL, …).
     pub dangerous_functions: Vec<String>,
     /// Settings the statement changes (lower-case; `transaction_read_only` for `BEGIN
     /// READ WRITE` and the like; `*` for `set_config`, which may change any).
@@ -146,6 +147,12 @@ pub struct SqlStatement {
     pub cursor: Option<String>,
     /// The cursor a `DECLARE` opens.
     pub declares: Option<String>,
+    /// The prepared statement a SQL-level `PREPARE`/`DEALLOCATE` creates or drops
+    /// (`*`: all of them, `DEALLOCATE ALL`, `DISCARD ALL`): it shares the namespace of
+    /// protocol-level statements.
+    pub prepared_statement: Option<String>,
+    /// The cursor (portal) a `CLOSE` closes (`*`: all, `CLOSE ALL`, `DISCARD ALL`).
+    pub closes: Option<String>,
     /// Column names that a reference outside a plain output column may carry (in an
     /// expression, a condition, a cast, a function, an aggregate, a row value; through
     /// subqueries' renamings too); `*` for a star or a whole-row reference. A masked
@@ -153,4 +160,7 @@ pub struct SqlStatement {
     /// refused (`docs/postgres.md`).
     #[serde(skip)]
     pub expression_columns: Vec<String>,
+    /// Whether it writes rows the server's completion tag does not count (a write in a
+    /// CTE, under EXPLAIN ANALYZE or in COPY's query).
+    pub uncounted_writes: bool,
 }

@@ -35,9 +35,10 @@ CREATE SCHEMA app AUTHORIZATION app;
 CREATE TABLE public.orders (id int PRIMARY KEY, total numeric, note text);
 INSERT INTO public.orders SELECT g, g * 10, 'order ' || g FROM generate_series(1, 40) g;
 CREATE TABLE public.customers (id int, name text, email text, ssn text, api_key text);
-INSERT INTO public.customers VALUES (1, 'Jane', '{EMAIL}', '{SSN}', '{STORAGE_KEY}');
+INSERT INTO public.customers VALUES (1, 'Jane', '{EMAIL}', '{SSN}', '{STORAGE_KEY}'),
+  (2, 'Bob', 'bob.private@example.org', '987-65-4321', 'none');
 CREATE TABLE secret.keys (id int, value text);
-INSERT INTO secret.keys VALUES (1, '{SECRET}');
+INSERT INTO secret.keys VALUES (1, '{SECRET}'), (2, 'second-secret-Z9');
 CREATE TABLE app.invoices (secret text);
 INSERT INTO app.invoices VALUES ('{INVOICE_SECRET}');
 CREATE FUNCTION public.bump() RETURNS int LANGUAGE sql
@@ -46,6 +47,7 @@ GRANT ALL ON ALL TABLES IN SCHEMA public TO app;
 GRANT USAGE ON SCHEMA secret TO app;
 GRANT ALL ON ALL TABLES IN SCHEMA secret TO app;
 GRANT ALL ON ALL TABLES IN SCHEMA app TO app;
+ANALYZE;
 "
     )
 }
@@ -470,14 +472,10 @@ async fn masked_values_stay_masked_in_every_form() {
             "{attack}: {err}"
         );
     }
-    // A whole row selected plainly comes back masked.
-    let o = s.gate(s.ro, "SELECT c FROM customers c", "UTF8");
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    seen += &text(&o.stdout);
-    assert!(
-        text(&o.stdout).contains("[masked:column]"),
-        "{}",
-        text(&o.stdout)
+    // A whole row has no column origins at the server: refused, however plainly selected.
+    seen += &refused(
+        &s.gate(s.ro, "SELECT c FROM customers c", "UTF8"),
+        "whole row",
     );
     // A bare storage account key is found by the detectors.
     let o = s.gate(s.ro, "SELECT api_key FROM customers", "UTF8");
@@ -493,7 +491,7 @@ async fn masked_values_stay_masked_in_every_form() {
     // (an array of text) is masked, never passed. Control: directly it is the key.
     let direct = tokio_postgres(s.db.port, "app", APP_PASSWORD).await;
     let row = direct
-        .query_one("SELECT ARRAY[api_key] FROM customers", &[])
+        .query_one("SELECT ARRAY[api_key] FROM customers WHERE id = 1", &[])
         .await
         .unwrap();
     assert_eq!(
@@ -502,12 +500,12 @@ async fn masked_values_stay_masked_in_every_form() {
     );
     let gated = tokio_postgres(s.ro, "app", &s.token()).await;
     let row = gated
-        .query_one("SELECT ARRAY[api_key] FROM customers", &[])
+        .query_one("SELECT ARRAY[api_key] FROM customers WHERE id = 1", &[])
         .await
         .unwrap();
     assert_eq!(row.get::<_, Option<Vec<String>>>(0), None);
     let row = gated
-        .query_one("SELECT email, name FROM customers", &[])
+        .query_one("SELECT email, name FROM customers WHERE id = 1", &[])
         .await
         .unwrap();
     assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("Jane"));
@@ -774,7 +772,10 @@ async fn error_texts_reach_the_record_masked_whatever_the_policy_masks() {
     let s = setup_with(json!({ "columns": ["customers.email"] })).await;
     const GITHUB: &str = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
     for (sql, secret) in [
-        ("SELECT api_key::int FROM customers", STORAGE_KEY),
+        (
+            "SELECT api_key::int FROM customers WHERE id = 1",
+            STORAGE_KEY,
+        ),
         (
             "SELECT 'ghp_abcdefghijklmnopqrstuvwxyz0123456789'::int",
             GITHUB,
@@ -805,4 +806,226 @@ async fn error_texts_reach_the_record_masked_whatever_the_policy_masks() {
         }
     }
     assert!(s.sidecar.audit().contains("invalid input syntax"));
+}
+
+/// Frames as a raw client sees them: the SQLSTATEs and messages, and data rows' text.
+fn shown(frames: &[Frame]) -> String {
+    frames
+        .iter()
+        .filter(|f| matches!(f.tag, b'E' | b'D' | b'C'))
+        .map(|f| text(&f.body))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_is_decided_as_everything_it_may_be_at_the_server() {
+    let s = setup().await;
+    let mut seen = String::new();
+    let mut raw = Raw::connect(s.rw, &s.token()).await;
+    // Control: SQL FETCH runs a protocol portal — with a SELECT it returns its rows.
+    raw.send(&[query("BEGIN")]).await;
+    raw.until_ready().await;
+    raw.send(&[
+        parse("", "SELECT id FROM orders WHERE id = 12"),
+        bind("c", ""),
+        sync(),
+    ])
+    .await;
+    raw.until_ready().await;
+    raw.send(&[query("FETCH ALL FROM c")]).await;
+    let out = shown(&raw.until_ready().await);
+    assert!(out.contains("12"), "control: {out}");
+    raw.send(&[query("ROLLBACK")]).await;
+    raw.until_ready().await;
+    // A portal bound to a held DELETE, run by FETCH: decided as the DELETE. (A DECLARE
+    // the server refused, outside a transaction, registers nothing.)
+    raw.send(&[query("DECLARE c CURSOR FOR SELECT 1")]).await;
+    raw.until_ready().await;
+    raw.send(&[query("BEGIN")]).await;
+    raw.until_ready().await;
+    raw.send(&[
+        parse("", "DELETE FROM orders WHERE id = 13 RETURNING id, note"),
+        bind("c", ""),
+        sync(),
+    ])
+    .await;
+    raw.until_ready().await;
+    raw.send(&[query("FETCH ALL FROM c")]).await;
+    let out = shown(&raw.until_ready().await);
+    assert!(out.contains("deletes"), "{out}");
+    raw.send(&[query("COMMIT")]).await;
+    raw.until_ready().await;
+    assert!(s.intact(13), "the held DELETE ran through FETCH");
+
+    // A portal the server dropped at Sync (autocommit), replaced by a SQL cursor of
+    // the same name over masked columns: the gate no longer knows the name.
+    let mut raw = Raw::connect(s.ro, &s.token()).await;
+    raw.send(&[
+        parse("s1", "SELECT 1::int4 AS a, 2::int4 AS b, 3::int4 AS c"),
+        bind("p1", "s1"),
+        sync(),
+    ])
+    .await;
+    raw.until_ready().await;
+    raw.send(&[query("BEGIN")]).await;
+    raw.until_ready().await;
+    raw.send(&[query(
+        "DECLARE p1 CURSOR FOR SELECT email, ssn, api_key FROM customers",
+    )])
+    .await;
+    raw.until_ready().await;
+    raw.send(&[execute("p1"), sync()]).await;
+    seen += &shown(&raw.until_ready().await);
+    raw.send(&[query("ROLLBACK")]).await;
+    raw.until_ready().await;
+    // A statement DEALLOCATEd and PREPAREd again at SQL level under its name.
+    raw.send(&[parse("s2", "SELECT 1::int4 AS a, 2::int4 AS b"), sync()])
+        .await;
+    raw.until_ready().await;
+    raw.send(&[query(
+        "DEALLOCATE s2; PREPARE s2 AS SELECT api_key, name FROM customers",
+    )])
+    .await;
+    raw.until_ready().await;
+    raw.send(&[bind("", "s2"), execute(""), sync()]).await;
+    seen += &shown(&raw.until_ready().await);
+    // A prepared FETCH (its columns change with the cursor) is refused.
+    raw.send(&[parse("f", "FETCH ALL FROM c"), sync()]).await;
+    let out = shown(&raw.until_ready().await);
+    assert!(out.contains("FETCH and MOVE are not taken"), "{out}");
+    // The hang: a Query inside a batch the server failed is ignored by the server; the
+    // gate still answers the next batch at once.
+    raw.send(&[
+        parse("bad", "SELECT * FROM no_such_table"),
+        query("SELECT 1"),
+        parse("s3", "SELECT 2"),
+        sync(),
+    ])
+    .await;
+    raw.until_ready().await;
+    raw.send(&[bind("", "s3"), execute(""), sync()]).await;
+    let out = shown(&raw.until_ready().await);
+    assert!(
+        out.contains("26000") || out.contains("does not exist"),
+        "{out}"
+    );
+    s.assert_nothing_leaked(&seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_compared_joined_or_summarized_stay_masked() {
+    let s = setup().await;
+    let mut seen = String::new();
+    for (attack, control_shows) in [
+        (
+            "SELECT name FROM customers JOIN (SELECT '987-65-4321' AS ssn) v USING (ssn)",
+            "Bob",
+        ),
+        (
+            "SELECT name FROM customers NATURAL JOIN (SELECT 'bob.private@example.org' AS email) v",
+            "Bob",
+        ),
+        (
+            "SELECT s FROM (SELECT * FROM customers) s",
+            "bob.private@example.org",
+        ),
+        ("SELECT name, email FROM customers ORDER BY 2", "Bob"),
+    ] {
+        assert!(
+            s.direct_ok(attack).contains(control_shows),
+            "control: {attack}"
+        );
+        seen += &refused(&s.gate(s.ro, attack, "UTF8"), "masked");
+    }
+    // Statistics samples expose other tables' and masked columns' values.
+    let stats = "SELECT tablename, attname, most_common_vals::text, histogram_bounds::text FROM pg_stats WHERE schemaname IN ('secret', 'public')";
+    let control = s.direct_ok(stats);
+    if control.contains("second-secret-Z9") || control.contains("bob.private") {
+        seen += &refused(&s.gate(s.ro, stats, "UTF8"), "pg_stats");
+    } else {
+        panic!("control: pg_stats shows no samples: {control}");
+    }
+    seen += &refused(
+        &s.gate(s.ro, "SELECT query FROM pg_stat_activity", "UTF8"),
+        "pg_stat_activity",
+    );
+    s.assert_nothing_leaked(&seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spelling_of_a_write_is_decided_and_counted() {
+    let s = setup().await;
+    // RESET transaction_read_only turns read-only off (control: directly, with the
+    // setting pinned as the gate pins it, the write then goes through).
+    let o = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &s.db.port.to_string(),
+            "-U",
+            "app",
+            "-d",
+            "postgres",
+            "-X",
+            "-A",
+            "-t",
+        ])
+        .args([
+            "-c",
+            "BEGIN; RESET transaction_read_only; SELECT bump(); ROLLBACK",
+        ])
+        .env("PGPASSWORD", APP_PASSWORD)
+        .env("PGOPTIONS", "-c default_transaction_read_only=on")
+        .output()
+        .unwrap();
+    assert!(
+        text(&o.stdout).contains("999"),
+        "control: {}",
+        text(&o.stderr)
+    );
+    refused(
+        &s.gate(
+            s.ro,
+            "BEGIN; RESET transaction_read_only; SELECT bump(); COMMIT",
+            "UTF8",
+        ),
+        "read-only",
+    );
+    assert_eq!(
+        s.direct_ok("SELECT count(*) FROM orders WHERE id = 999"),
+        "0"
+    );
+    // However qualified, set_config is pinned (control: the server takes the name).
+    let qualified = "SELECT postgres.pg_catalog.set_config('search_path', 'app', false)";
+    assert_eq!(s.direct_ok(qualified), "app");
+    refused(&s.gate(s.ro, qualified, "UTF8"), "pins");
+    // An upsert updates: an insert-only rule does not allow it (control: directly it
+    // changes an existing row).
+    let upsert = |id: u32| {
+        format!(
+            "INSERT INTO orders VALUES ({id}, 0, 'x') ON CONFLICT (id) DO UPDATE SET note = 'pwned'"
+        )
+    };
+    s.direct_ok(&upsert(35));
+    assert!(!s.intact(35));
+    refused(&s.gate(s.rw, &upsert(36), "UTF8"), "agentgate");
+    assert!(s.intact(36));
+    // A write in a CTE reports no row count, so a session write limit cannot hold it.
+    let cte = "WITH i AS (INSERT INTO orders SELECT n, 0, 'cte' FROM generate_series(200, 210) AS t(n) RETURNING 1) SELECT count(*) FROM i";
+    refused(&s.gate(s.rw, cte, "UTF8"), "maxRowsModifiedPerSession");
+    assert_eq!(
+        s.direct_ok("SELECT count(*) FROM orders WHERE id BETWEEN 200 AND 210"),
+        "0"
+    );
+    // The impact preview does not plan a statement that calls a function reading a
+    // table by name (the planner folds stable functions).
+    let o = s.gate(
+        s.rw,
+        "DELETE FROM orders WHERE id = length(table_to_xml('secret.keys', true, false, '')::text)",
+        "UTF8",
+    );
+    assert!(!o.status.success());
+    s.assert_nothing_leaked(&text(&o.stderr));
 }

@@ -8,8 +8,7 @@ mod sql;
 
 pub use http::{classify_http, normalize_host, normalize_path};
 pub use kubernetes::classify_kubernetes;
-pub(crate) use sql::is_safe;
-pub use sql::{SqlContext, classify_sql, classify_sql_in};
+pub use sql::{SqlContext, classify_sql, classify_sql_in, is_safe, merge_statements};
 
 /// Why a request could not be classified.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

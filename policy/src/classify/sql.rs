@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::attrs::{SqlRequest, SqlStatement};
 use functions::is_dangerous;
-pub(crate) use functions::is_safe;
+pub use functions::is_safe;
 
 /// The longest statement text classified; longer text is `other`.
 pub const MAX_SQL_BYTES: usize = 1 << 20;
@@ -109,6 +109,27 @@ fn classify_parsed(text: &str, context: &SqlContext) -> Option<SqlRequest> {
     })
 }
 
+/// `into` widened by `other`, as if one statement did both: the riskier kind, every
+/// table, function, setting and column use of either. What a `FETCH` is decided as when
+/// its name may be more than one thing (a declared cursor, a protocol portal).
+pub fn merge_statements(into: &mut SqlStatement, other: &SqlStatement) {
+    fn union(a: &mut Vec<String>, b: &[String]) {
+        a.extend(b.iter().cloned());
+        a.sort();
+        a.dedup();
+    }
+    if risk(other.kind) > risk(into.kind) {
+        into.kind = other.kind;
+        into.has_where = other.has_where;
+    }
+    union(&mut into.tables, &other.tables);
+    union(&mut into.functions, &other.functions);
+    union(&mut into.dangerous_functions, &other.dangerous_functions);
+    union(&mut into.settings, &other.settings);
+    union(&mut into.expression_columns, &other.expression_columns);
+    into.uncounted_writes |= other.uncounted_writes;
+}
+
 /// How risky a kind is when one statement holds several: the riskiest names it.
 fn risk(kind: SqlStatementKind) -> u8 {
     use SqlStatementKind as K;
@@ -142,11 +163,27 @@ fn classify_one(stmt: &pg_query::protobuf::Node, context: &SqlContext) -> Option
         .max_by_key(|k| risk(*k))
         .unwrap_or(top);
     let (writes, with_where) = facts.writes_with_where;
+    // The server's CommandComplete tag counts the rows of the statement's own write
+    // only: a write nested in a CTE, EXPLAIN ANALYZE or COPY reports none.
+    let own_write = usize::from(matches!(
+        node,
+        NodeEnum::InsertStmt(_)
+            | NodeEnum::UpdateStmt(_)
+            | NodeEnum::DeleteStmt(_)
+            | NodeEnum::MergeStmt(_)
+    ));
+    let uncounted_writes = facts.write_nodes > own_write;
     let mut dangerous: Vec<String> = facts
         .functions
         .iter()
         .filter(|f| is_dangerous(f))
-        .map(|f| functions::builtin_name(f).to_ascii_lowercase())
+        .map(|f| functions::bare_name(f))
+        .chain(
+            facts
+                .exposing_relations
+                .iter()
+                .map(|r| format!("relation {r}")),
+        )
         .collect();
     if let NodeEnum::CopyStmt(c) = node
         && c.is_program
@@ -157,7 +194,7 @@ fn classify_one(stmt: &pg_query::protobuf::Node, context: &SqlContext) -> Option
     if facts
         .functions
         .iter()
-        .any(|f| functions::builtin_name(f).eq_ignore_ascii_case("set_config"))
+        .any(|f| functions::bare_name(f) == "set_config")
     {
         settings.push("*".to_owned());
     }
@@ -178,7 +215,21 @@ fn classify_one(stmt: &pg_query::protobuf::Node, context: &SqlContext) -> Option
             NodeEnum::DeclareCursorStmt(d) => Some(d.portalname.clone()),
             _ => None,
         },
+        prepared_statement: match node {
+            NodeEnum::PrepareStmt(p) => Some(p.name.clone()),
+            NodeEnum::DeallocateStmt(d) if d.isall || d.name.is_empty() => Some("*".into()),
+            NodeEnum::DeallocateStmt(d) => Some(d.name.clone()),
+            NodeEnum::DiscardStmt(_) => Some("*".into()),
+            _ => None,
+        },
+        closes: match node {
+            NodeEnum::ClosePortalStmt(c) if c.portalname.is_empty() => Some("*".into()),
+            NodeEnum::ClosePortalStmt(c) => Some(c.portalname.clone()),
+            NodeEnum::DiscardStmt(_) => Some("*".into()),
+            _ => None,
+        },
         expression_columns: facts.expression_columns(),
+        uncounted_writes,
     })
 }
 

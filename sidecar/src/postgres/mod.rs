@@ -18,6 +18,9 @@ use tokio::net::TcpListener;
 use crate::gateway::Gateway;
 pub use upstream::PgUpstream;
 
+/// How long the impact preview's EXPLAIN may take.
+const PREVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// State the Postgres sessions of one sidecar share.
 #[derive(Debug, Default)]
 pub struct Shared {
@@ -207,7 +210,22 @@ impl Shared {
                 };
             }
         };
-        match conn.estimate_rows(statement, parameters).await {
+        // The catalog connection is shared by the Connection's sessions: a slow plan
+        // must not hold them up, so it gets a bound, and a connection it outlived is
+        // dropped (its answer would come later, out of step).
+        let estimate =
+            tokio::time::timeout(PREVIEW_TIMEOUT, conn.estimate_rows(statement, parameters));
+        let Ok(estimate) = estimate.await else {
+            catalog.connection = None;
+            return agentgate_crds::Impact {
+                estimated_rows: None,
+                detail: format!(
+                    "no estimate: EXPLAIN did not answer within {}s",
+                    PREVIEW_TIMEOUT.as_secs()
+                ),
+            };
+        };
+        match estimate {
             Ok(rows) => agentgate_crds::Impact {
                 estimated_rows: Some(rows),
                 detail: "the planner's estimate (EXPLAIN, not run)".into(),

@@ -173,6 +173,36 @@ struct Bound {
 struct Registry {
     statements: HashMap<String, Arc<Prepared>>,
     portals: HashMap<String, Arc<Bound>>,
+    /// Cursors the server confirmed declaring (`DECLARE CURSOR`) → what they read. SQL
+    /// cursors and protocol portals share one namespace at the server.
+    cursors: HashMap<String, SqlStatement>,
+}
+
+impl Registry {
+    /// What a statement run by the server changed in the namespaces: SQL-level
+    /// `PREPARE`/`DEALLOCATE`/`DISCARD ALL` and `CLOSE`. Applied in protocol order, as
+    /// the server half sees the statement end; a removal is applied even when the
+    /// statement failed (forgetting too much only refuses more).
+    fn forget(&mut self, statement: &SqlStatement) {
+        match statement.prepared_statement.as_deref() {
+            Some("*") => self.statements.clear(),
+            Some(name) => {
+                self.statements.remove(name);
+            }
+            None => {}
+        }
+        match statement.closes.as_deref() {
+            Some("*") => {
+                self.portals.clear();
+                self.cursors.clear();
+            }
+            Some(name) => {
+                self.portals.remove(name);
+                self.cursors.remove(name);
+            }
+            None => {}
+        }
+    }
 }
 
 /// Prepared statements (and portals) one session may hold at once.
@@ -406,7 +436,8 @@ impl Session {
             touched: HashMap::new(),
             sent_batches: 0,
             resolved,
-            cursors: HashMap::new(),
+            touched_all: 0,
+            overlay_all: false,
             context: SqlContext {
                 search_path: self.upstream.search_path().to_vec(),
             },
@@ -451,8 +482,8 @@ enum Pending {
     Execute(Box<Execution>),
     /// `CloseComplete`: the statement (`S`) or portal (`P`) is gone.
     Close { target: u8, name: String },
-    /// `ReadyForQuery`.
-    Sync,
+    /// `ReadyForQuery`, answering batch `batch`.
+    Sync { batch: u64 },
     /// A refusal in place of the server's answer; with `ready`, a `ReadyForQuery` too
     /// (a refused simple query or function call).
     Refused { error: Frame, ready: bool },
@@ -469,6 +500,11 @@ struct Execution {
     /// Told whether the result was replaced (cut off, refused) when it ends, so the
     /// agent half can hold back the rest of the batch until then.
     done: Option<oneshot::Sender<bool>>,
+    /// The cursors it declares, in order: each is registered when the server
+    /// confirms it (`DECLARE CURSOR`).
+    declares: VecDeque<(String, SqlStatement)>,
+    /// For a simple query: the batch its `ReadyForQuery` answers.
+    ends_batch: Option<u64>,
     /// The statements, as classified.
     sql: Arc<SqlRequest>,
     /// The current result's columns.
@@ -519,8 +555,11 @@ struct AgentHalf {
     sent_batches: u64,
     /// Batches the server has answered (`ReadyForQuery`s), from the server half.
     resolved: watch::Receiver<u64>,
-    /// Cursors this session declared → what their `DECLARE` reads.
-    cursors: HashMap<String, SqlStatement>,
+    /// The batch of the last change of every name at once (`DEALLOCATE ALL`, `CLOSE
+    /// ALL`, `DISCARD ALL`).
+    touched_all: u64,
+    /// Whether the current batch may change every name (see `touched_all`).
+    overlay_all: bool,
     /// How this session's SQL is read (its pinned search path).
     context: SqlContext,
     /// An execution whose result may still be replaced by a refusal (a row limit, a
@@ -625,7 +664,9 @@ impl AgentHalf {
                 // messages are not held back behind an approval.
                 self.flush().await?;
                 match self.decide(&sql, &text, None, Some(&[]), false).await {
-                    Ok(execution) => {
+                    Ok(mut execution) => {
+                        execution.ends_batch = Some(self.sent_batches + 1);
+                        self.note_namespace_changes(&sql);
                         self.forward(&frame);
                         self.queue(Pending::Query(execution)).await?;
                         // A simple query destroys the unnamed statement and portal.
@@ -637,6 +678,16 @@ impl AgentHalf {
             Frontend::Parse { name, query } => {
                 let sql = Arc::new(classify_sql_in(&query, &self.context));
                 self.flush().await?;
+                if sql.statements.iter().any(|s| s.cursor.is_some()) {
+                    // A prepared FETCH's columns are those of whatever the cursor is when
+                    // it runs, not when it was described: it cannot be masked reliably.
+                    let error = error_response(
+                        FEATURE_NOT_SUPPORTED,
+                        "agentgate: FETCH and MOVE are not taken as prepared statements (their columns change with the cursor); send them as a simple query, or use a portal with a row limit",
+                        None,
+                    );
+                    return self.refuse_in_batch(error).await;
+                }
                 if !name.is_empty()
                     && self.statement(&name).await?.is_none()
                     && lock(&self.registry).statements.len() + self.overlay.statements.len()
@@ -736,6 +787,7 @@ impl AgentHalf {
                     .await
                 {
                     Ok(mut execution) => {
+                        self.note_namespace_changes(&statement.sql);
                         execution.portal = Some(bound);
                         self.hold_if_replaceable(&mut execution);
                         self.forward(&frame);
@@ -771,7 +823,10 @@ impl AgentHalf {
                 self.skipping = false;
                 self.hold = None;
                 self.forward(&frame);
-                self.queue(Pending::Sync).await?;
+                self.queue(Pending::Sync {
+                    batch: self.sent_batches + 1,
+                })
+                .await?;
                 self.end_batch(false);
             }
             Frontend::Flush | Frontend::CopyData | Frontend::CopyDone | Frontend::CopyFail => {
@@ -810,12 +865,43 @@ impl AgentHalf {
             .insert((target, name.to_owned()), self.sent_batches + 1);
     }
 
+    /// Marks what SQL-level `PREPARE`/`DEALLOCATE`/`DISCARD`/`CLOSE` in `sql` may change
+    /// in this batch, so later batches wait for the server's answer before relying on
+    /// those names (the server half applies the change in order).
+    fn note_namespace_changes(&mut self, sql: &SqlRequest) {
+        for s in &sql.statements {
+            for (target, name) in [(b'S', &s.prepared_statement), (b'P', &s.closes)] {
+                match name.as_deref() {
+                    Some("*") => self.overlay_all = true,
+                    Some(name) => {
+                        self.change(target, name);
+                        if target == b'S' {
+                            self.overlay.statements.insert(name.to_owned(), None);
+                        } else {
+                            self.overlay.portals.insert(name.to_owned(), None);
+                        }
+                    }
+                    None => {}
+                }
+            }
+            if s.closes.as_deref() == Some("*") || s.prepared_statement.as_deref() == Some("*") {
+                self.overlay.statements.clear();
+                self.overlay.portals.clear();
+                self.overlay_all = true;
+            }
+        }
+    }
+
     /// The current batch went to the server (`Sync`, or a simple `Query`, which also
     /// destroys the unnamed statement and portal).
     fn end_batch(&mut self, query: bool) {
         if query {
             self.change(b'S', "");
             self.change(b'P', "");
+        }
+        if self.overlay_all {
+            self.touched_all = self.sent_batches + 1;
+            self.overlay_all = false;
         }
         self.sent_batches += 1;
         self.overlay = Overlay::default();
@@ -827,9 +913,12 @@ impl AgentHalf {
     /// Waits, when an earlier batch changed `name` and the server has not answered it
     /// yet, until it has: what the server did with it is then in the registry.
     async fn confirmed(&mut self, target: u8, name: &str) -> Result<(), SessionEnd> {
-        let Some(&batch) = self.touched.get(&(target, name.to_owned())) else {
-            return Ok(());
-        };
+        let batch = self
+            .touched
+            .get(&(target, name.to_owned()))
+            .copied()
+            .unwrap_or(0)
+            .max(self.touched_all);
         if *self.resolved.borrow() >= batch {
             return Ok(());
         }
@@ -888,41 +977,47 @@ impl AgentHalf {
         Ok(rx.await.unwrap_or(true))
     }
 
-    /// The statements of `sql` with every `FETCH`/`MOVE` decided as what its cursor's
-    /// `DECLARE` reads. A cursor this session did not declare through the gateway is
-    /// refused: what it reads is unknown.
-    fn with_cursors(&self, sql: &SqlRequest) -> Result<SqlRequest, String> {
-        if !sql
-            .statements
-            .iter()
-            .any(|s| s.cursor.is_some() || s.declares.is_some())
-        {
-            return Ok(sql.clone());
+    /// The statements of `sql` with every `FETCH`/`MOVE` decided as everything its name
+    /// may be at the server — a cursor declared earlier in the same text, a cursor the
+    /// server confirmed declaring, a protocol portal (SQL `FETCH` runs those too) — at
+    /// once. A name that is none of them is refused: what it reads is unknown.
+    async fn with_cursors(
+        &mut self,
+        sql: &SqlRequest,
+    ) -> Result<Result<SqlRequest, String>, SessionEnd> {
+        if !sql.statements.iter().any(|s| s.cursor.is_some()) {
+            return Ok(Ok(sql.clone()));
         }
-        let mut declared: HashMap<&str, &SqlStatement> = HashMap::new();
         let mut out = sql.clone();
-        for (i, s) in sql.statements.iter().enumerate() {
-            if let Some(name) = &s.declares {
-                declared.insert(name, s);
+        for i in 0..sql.statements.len() {
+            let Some(name) = sql.statements[i].cursor.clone() else {
+                continue;
+            };
+            let earlier = sql.statements[..i]
+                .iter()
+                .rev()
+                .find(|s| s.declares.as_deref() == Some(name.as_str()))
+                .cloned();
+            let portal = self.portal(&name).await?;
+            let confirmed = lock(&self.registry).cursors.get(&name).cloned();
+            let mut sources = earlier.into_iter().chain(confirmed).chain(
+                portal
+                    .iter()
+                    .flat_map(|p| p.statement.sql.statements.clone()),
+            );
+            let Some(mut decided) = sources.next() else {
+                return Ok(Err(format!(
+                    "cursor {name:?} was not declared in this session through agentgate, so what it reads is unknown; DECLARE it in this session"
+                )));
+            };
+            for other in sources {
+                agentgate_policy::classify::merge_statements(&mut decided, &other);
             }
-            if let Some(name) = &s.cursor {
-                let Some(d) = declared
-                    .get(name.as_str())
-                    .copied()
-                    .or_else(|| self.cursors.get(name))
-                else {
-                    return Err(format!(
-                        "cursor {name:?} was not declared in this session through agentgate, so what it reads is unknown; DECLARE it in this session"
-                    ));
-                };
-                out.statements[i] = SqlStatement {
-                    cursor: Some(name.clone()),
-                    declares: None,
-                    ..d.clone()
-                };
-            }
+            decided.cursor = Some(name);
+            decided.declares = None;
+            out.statements[i] = decided;
         }
-        Ok(out)
+        Ok(Ok(out))
     }
 
     /// A refusal inside an extended-protocol batch: the error now, then skip to `Sync`.
@@ -983,7 +1078,10 @@ impl AgentHalf {
         let mut record = self.record(summary(sql));
         record.event.parameters = parameters;
         // A FETCH is decided as what its cursor reads.
-        let with_cursors = self.with_cursors(sql);
+        let with_cursors = match self.with_cursors(sql).await {
+            Ok(r) => r,
+            Err(_) => Err("the session is ending".to_owned()),
+        };
         let decided = with_cursors
             .as_ref()
             .map_or_else(|_| (**sql).clone(), Clone::clone);
@@ -1020,8 +1118,13 @@ impl AgentHalf {
             };
             return Err(refuse(&mut record, refusal));
         }
-        let too_many_cursors = declares.iter().any(|(n, _)| !self.cursors.contains_key(n))
-            && self.cursors.len() + declares.len() > MAX_CURSORS;
+        let too_many_cursors = {
+            let registry = lock(&self.registry);
+            declares
+                .iter()
+                .any(|(n, _)| !registry.cursors.contains_key(n))
+                && registry.cursors.len() + declares.len() > MAX_CURSORS
+        };
         if !at_parse && too_many_cursors {
             let refusal = Refusal::Denied {
                 rule: None,
@@ -1062,6 +1165,20 @@ impl AgentHalf {
                 String::from_utf8_lossy(&masked).into_owned()
             };
             let impact = match (needs_approval, &sql.statements[..]) {
+                // EXPLAIN runs nothing, but the planner folds stable functions: only a
+                // statement that calls nothing but side-effect-free built-ins is
+                // planned before a human approved it.
+                (true, [one])
+                    if matches!(
+                        one.kind,
+                        SqlStatementKind::Update | SqlStatementKind::Delete
+                    ) && !one.functions.iter().all(|f| agentgate_policy::classify::is_safe(f)) =>
+                {
+                    Some(agentgate_crds::Impact {
+                        estimated_rows: None,
+                        detail: "no estimate: the statement calls functions agentgate does not plan before approval".into(),
+                    })
+                }
                 (true, [one])
                     if matches!(
                         one.kind,
@@ -1103,11 +1220,15 @@ impl AgentHalf {
         if let Err(refusal) = self.gw.record_allowed(&mut record) {
             return Err(refuse(&mut record, refusal));
         }
-        if !at_parse {
-            // Predicted, not confirmed: a DECLARE the server refuses leaves an entry
-            // that only a cursor of the same name opened some other way (which needs a
-            // function no read rule allows) could use.
-            self.cursors.extend(declares);
+        if evaluation.limits.max_rows_modified_per_session.is_some()
+            && attrs_sql(&attrs).is_some_and(|s| s.statements.iter().any(|s| s.uncounted_writes))
+        {
+            let refusal = Refusal::Denied {
+                rule: None,
+                policy: evaluation.policy.clone(),
+                reason: "the statement writes rows inside a CTE, EXPLAIN ANALYZE or COPY, which the server does not count, so limits.maxRowsModifiedPerSession cannot be kept; write with a plain INSERT, UPDATE, DELETE or MERGE".into(),
+            };
+            return Err(refuse(&mut record, refusal));
         }
         Ok(Box::new(Execution {
             record,
@@ -1115,6 +1236,8 @@ impl AgentHalf {
             max_rows: evaluation.limits.max_rows_per_query,
             portal: None,
             done: None,
+            declares: declares.into_iter().collect(),
+            ends_batch: None,
             sql: sql.clone(),
             columns: Vec::new(),
             described: false,
@@ -1125,6 +1248,13 @@ impl AgentHalf {
             copy_refused: false,
             silenced: false,
         }))
+    }
+}
+
+fn attrs_sql(attrs: &RequestAttrs) -> Option<&SqlRequest> {
+    match &attrs.target {
+        Target::Postgres(sql) => Some(sql),
+        _ => None,
     }
 }
 
@@ -1249,11 +1379,16 @@ impl ServerHalf {
             return;
         }
         match p {
-            Pending::Sync => {
+            Pending::Sync { .. } => {
                 self.seeking_sync = false;
                 self.pending.push_back(p);
             }
             Pending::Execute(e) | Pending::Query(e) => {
+                // The server ignores a simple query inside a failed batch: it answers
+                // nothing for it, and it changes nothing.
+                if let Some(batch) = e.ends_batch {
+                    self.resolve(batch);
+                }
                 self.complete(
                     *e,
                     Some("not run: an earlier message in its batch failed".into()),
@@ -1274,6 +1409,30 @@ impl ServerHalf {
         for p in rest {
             self.push(p);
         }
+    }
+
+    /// The server answered batch `batch` (or ignored it): what it changed is in the
+    /// registry now.
+    fn resolve(&self, batch: u64) {
+        self.resolved.send_if_modified(|r| {
+            let newer = batch > *r;
+            if newer {
+                *r = batch;
+            }
+            newer
+        });
+    }
+
+    /// A `ReadyForQuery` for `batch`. Outside a transaction the server has dropped every
+    /// portal and every cursor not declared WITH HOLD: so does the registry (a WITH
+    /// HOLD cursor is then refused as unknown — refusing too much, never too little).
+    fn ready(&mut self, batch: u64) {
+        if self.status == b'I' {
+            let mut registry = lock(&self.registry);
+            registry.portals.clear();
+            registry.cursors.clear();
+        }
+        self.resolve(batch);
     }
 
     fn send_refusals(&mut self, out: &mut BytesMut) {
@@ -1326,12 +1485,7 @@ impl ServerHalf {
                 pinned,
             });
         }
-        let ready = frame.tag == b'Z';
         self.answer(frame, out).await?;
-        if ready {
-            // Every change of the batch this answers is in the registry now.
-            self.resolved.send_modify(|n| *n += 1);
-        }
         Ok(())
     }
 
@@ -1412,10 +1566,12 @@ impl ServerHalf {
                 }
                 frame.tag == b'3'
             }
-            Pending::Sync => {
+            Pending::Sync { batch } => {
                 if frame.tag == b'Z' {
+                    let batch = *batch;
                     self.status = frame.body.first().copied().unwrap_or(b'I');
                     self.discarding = false;
+                    self.ready(batch);
                 }
                 frame.tag == b'Z'
             }
@@ -1547,11 +1703,21 @@ impl ServerHalf {
             b'Z' if is_query => {
                 self.status = frame.body.first().copied().unwrap_or(b'I');
                 frame.encode(out);
-                self.pending.pop_front();
-                // A simple query destroys the unnamed statement and portal.
-                let mut registry = lock(&self.registry);
-                registry.statements.remove("");
-                registry.portals.remove("");
+                if let Some(Pending::Query(e)) = self.pending.pop_front() {
+                    {
+                        // A simple query destroys the unnamed statement and portal, and
+                        // its PREPARE/DEALLOCATE/CLOSE change the names they name.
+                        let mut registry = lock(&self.registry);
+                        registry.statements.remove("");
+                        registry.portals.remove("");
+                        for s in &e.sql.statements {
+                            registry.forget(s);
+                        }
+                    }
+                    if let Some(batch) = e.ends_batch {
+                        self.ready(batch);
+                    }
+                }
             }
             _ if e.cut_off => {}
             _ => frame.encode(out),
@@ -1619,6 +1785,7 @@ impl ServerHalf {
     /// record it.
     fn statement_done(&mut self, frame: Frame, out: &mut BytesMut, is_query: bool) {
         let modified = self.modified.clone();
+        let registry = self.registry.clone();
         let Some(e) = self.head() else { return };
         let tag = if frame.tag == b'C' {
             String::from_utf8_lossy(frame.body.strip_suffix(&[0]).unwrap_or(&frame.body))
@@ -1629,6 +1796,18 @@ impl ServerHalf {
         let affected = codec::rows_modified(&tag, e.copy_in);
         if let Some(n) = affected {
             modified.fetch_add(n, Ordering::Relaxed);
+        }
+        if tag == "DECLARE CURSOR"
+            && let Some((name, statement)) = e.declares.pop_front()
+        {
+            // Confirmed: the server has the cursor now.
+            lock(&registry).cursors.insert(name, statement);
+        }
+        if !is_query {
+            let mut registry = lock(&registry);
+            for s in &e.sql.statements {
+                registry.forget(s);
+            }
         }
         let rows = e.rows;
         let error = if e.copy_refused {

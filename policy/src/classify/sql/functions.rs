@@ -321,19 +321,30 @@ pub(crate) const DANGEROUS_FUNCTIONS: &[&str] = &[
 ];
 
 /// The name a call resolves to among the built-ins: `pg_catalog.lower` and `lower` are
-/// both `lower`. Any other schema is a user's function and keeps its schema.
+/// both `lower`. Any other schema — and any longer name (`db.pg_catalog.lower`) — is
+/// not a built-in's spelling and keeps it.
 pub(crate) fn builtin_name(name: &str) -> &str {
-    name.strip_prefix("pg_catalog.").unwrap_or(name)
+    name.strip_prefix("pg_catalog.")
+        .filter(|rest| !rest.contains('.'))
+        .unwrap_or(name)
 }
 
-/// Whether an allow rule may allow a call of `name` without the rule naming it.
-pub(crate) fn is_safe(name: &str) -> bool {
+/// The function's own name, whatever it is qualified with (`a.b.set_config` →
+/// `set_config`), lower-cased: what the dangerous list is matched against, so no
+/// qualification hides a dangerous call.
+pub(crate) fn bare_name(name: &str) -> String {
+    name.rsplit('.').next().unwrap_or(name).to_ascii_lowercase()
+}
+
+/// Whether an allow rule may allow a call of `name` without the rule naming it: a
+/// built-in that computes from its arguments only.
+pub fn is_safe(name: &str) -> bool {
     SAFE_FUNCTIONS.binary_search(&builtin_name(name)).is_ok()
 }
 
-/// Whether `name` is never allowed by an allow rule.
+/// Whether `name`, however qualified, is never allowed by an allow rule.
 pub(crate) fn is_dangerous(name: &str) -> bool {
     DANGEROUS_FUNCTIONS
-        .binary_search(&builtin_name(name).to_ascii_lowercase().as_str())
+        .binary_search(&bare_name(name).as_str())
         .is_ok()
 }

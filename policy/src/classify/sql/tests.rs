@@ -159,7 +159,10 @@ fn dangerous_functions_are_named() {
     assert_eq!(
         one("SELECT pg_catalog.PG_TERMINATE_BACKEND(pid) FROM pg_stat_activity")
             .dangerous_functions,
-        ["pg_terminate_backend"]
+        [
+            "pg_terminate_backend",
+            "relation pg_catalog.pg_stat_activity"
+        ]
     );
     assert_eq!(
         one("SELECT * FROM dblink('host=x', 'select 1') AS t(a int)").dangerous_functions,
@@ -473,4 +476,62 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn what_the_adversary_found_is_classified() {
+    // RESET of transaction_read_only goes to off, not to the pinned value.
+    assert_eq!(
+        one("RESET transaction_read_only").settings,
+        ["transaction_read_only"]
+    );
+    // An upsert updates.
+    assert_eq!(
+        one("INSERT INTO orders VALUES (1) ON CONFLICT (id) DO UPDATE SET note = 'x'").kind,
+        K::Update
+    );
+    assert_eq!(
+        one("INSERT INTO orders VALUES (1) ON CONFLICT DO NOTHING").kind,
+        K::Insert
+    );
+    // Columns compared by USING / NATURAL, whole rows of subqueries, positional ORDER BY.
+    let cols = |sql: &str| one(sql).expression_columns;
+    assert!(
+        cols("SELECT name FROM customers JOIN (SELECT 'x' AS ssn) v USING (ssn)")
+            .contains(&"ssn".to_owned())
+    );
+    assert!(
+        cols("SELECT name FROM customers NATURAL JOIN (SELECT 'x' AS email) v")
+            .contains(&"*".to_owned())
+    );
+    assert!(cols("SELECT s FROM (SELECT * FROM customers) s").contains(&"*".to_owned()));
+    assert!(cols("SELECT c FROM customers c").contains(&"*".to_owned()));
+    assert!(cols("SELECT name, email FROM customers ORDER BY 2").contains(&"email".to_owned()));
+    assert!(
+        cols("SELECT name, email FROM customers ORDER BY name").is_empty()
+            || !cols("SELECT name, email FROM customers ORDER BY name")
+                .contains(&"email".to_owned())
+    );
+    // However qualified, set_config is set_config.
+    let s = one("SELECT postgres.pg_catalog.set_config('search_path', 'app', false)");
+    assert_eq!(s.settings, ["*"]);
+    assert_eq!(s.dangerous_functions, ["set_config"]);
+    assert!(!is_safe("postgres.pg_catalog.lower"));
+    assert!(is_safe("pg_catalog.lower"));
+    // SQL/JSON syntax is a call of a function PostgreSQL 15 looks up by name.
+    assert!(!one("SELECT json_value('{}', '$.a')").functions.is_empty());
+    assert!(!one("SELECT json_scalar(1)").functions.is_empty());
+    // Statistics samples and other sessions' SQL are exposing relations.
+    assert_eq!(
+        one("SELECT * FROM pg_stats").dangerous_functions,
+        ["relation pg_catalog.pg_stats"]
+    );
+    // Writes the completion tag does not count.
+    assert!(
+        one("WITH i AS (INSERT INTO t VALUES (1) RETURNING 1) SELECT count(*) FROM i")
+            .uncounted_writes
+    );
+    assert!(one("EXPLAIN ANALYZE DELETE FROM t").uncounted_writes);
+    assert!(!one("DELETE FROM t").uncounted_writes);
+    assert!(one("WITH d AS (DELETE FROM t RETURNING 1) DELETE FROM u").uncounted_writes);
 }

@@ -42,9 +42,18 @@ pub(super) struct Facts {
     pub writes_with_where: (usize, usize),
     /// Settings the statement changes (lower-case names; `*` for "any").
     pub settings: BTreeSet<String>,
+    /// INSERT/UPDATE/DELETE/MERGE nodes anywhere in the tree (the statement's own one
+    /// included).
+    pub write_nodes: usize,
+    /// Relations the statement reads that expose other tables' values or other
+    /// sessions (`pg_stats`, `pg_stat_activity`, …).
+    pub exposing_relations: BTreeSet<String>,
     /// Column references outside a plain output position: their names (`*` for a star
     /// or a whole-row reference).
     non_plain: Vec<Reference>,
+    /// Single-name references in plain output positions (whole rows, if they name a
+    /// relation).
+    plain_bare: Vec<String>,
     /// Names relations are known by in this statement (tables, aliases, CTEs).
     relation_names: BTreeSet<String>,
     /// Derived tables (subqueries in FROM, CTEs): the names each defines, and every
@@ -71,6 +80,45 @@ struct Derived {
 
 /// The `SetOperation` value of a SELECT that is not UNION/INTERSECT/EXCEPT.
 const SETOP_NONE: i64 = 1;
+/// `OnConflictAction::OnconflictUpdate`.
+const ONCONFLICT_UPDATE: i64 = 3;
+
+/// Catalog relations whose rows are other tables' values (statistics samples), other
+/// sessions' SQL, or credentials: no table rule should let them be read, however it
+/// names `pg_catalog.*`.
+const EXPOSING_RELATIONS: [&str; 14] = [
+    "pg_stats",
+    "pg_stats_ext",
+    "pg_stats_ext_exprs",
+    "pg_statistic",
+    "pg_statistic_ext_data",
+    "pg_stat_activity",
+    "pg_stat_statements",
+    "pg_stat_statements_info",
+    "pg_prepared_statements",
+    "pg_cursors",
+    "pg_largeobject",
+    "pg_authid",
+    "pg_shadow",
+    "pg_user_mappings",
+];
+
+/// Node types of SQL/JSON syntax that the parser (PostgreSQL 18's grammar) reads as
+/// expressions, but that a PostgreSQL 15 server reads as ordinary calls of functions of
+/// that name — resolved through the search path, so possibly a user's function. They
+/// count as calls of functions no built-in list holds.
+const SQL_JSON_CALLS: [(&str, &str); 10] = [
+    ("JsonFuncExpr", "json_value/json_query/json_exists"),
+    ("JsonScalarExpr", "json_scalar"),
+    ("JsonSerializeExpr", "json_serialize"),
+    ("JsonParseExpr", "json"),
+    ("JsonObjectConstructor", "json_object"),
+    ("JsonArrayConstructor", "json_array"),
+    ("JsonArrayQueryConstructor", "json_array"),
+    ("JsonObjectAgg", "json_objectagg"),
+    ("JsonArrayAgg", "json_arrayagg"),
+    ("JsonTable", "json_table"),
+];
 
 impl Facts {
     /// Walks one statement's tree (the `stmt` node of a raw statement, as JSON).
@@ -118,6 +166,16 @@ impl Facts {
                     _ => K::Merge,
                 };
                 self.nested.push(kind);
+                self.write_nodes += 1;
+                // INSERT … ON CONFLICT DO UPDATE changes existing rows: an update too.
+                if kind == K::Insert
+                    && f.get("on_conflict_clause")
+                        .and_then(|c| c.get("action"))
+                        .and_then(Value::as_i64)
+                        == Some(ONCONFLICT_UPDATE)
+                {
+                    self.nested.push(K::Update);
+                }
                 if matches!(kind, K::Update | K::Delete) {
                     self.writes_with_where.0 += 1;
                     if !is_null(f.get("where_clause")) {
@@ -177,6 +235,14 @@ impl Facts {
                 self.fields(ty, f, pos);
             }
             "JoinExpr" => {
+                // USING (a, b) and NATURAL compare columns without naming them in a
+                // ColumnRef: each is a column used in a condition.
+                for name in strings(f.get("using_clause")) {
+                    self.reference(name, false, Pos::Other);
+                }
+                if f.get("is_natural").and_then(Value::as_bool) == Some(true) {
+                    self.reference("*".into(), false, Pos::Other);
+                }
                 for (k, v) in f {
                     let p = if matches!(k.as_str(), "larg" | "rarg") {
                         Pos::From
@@ -196,7 +262,15 @@ impl Facts {
                 }
                 self.fields(ty, f, pos);
             }
-            _ => self.fields(ty, f, pos),
+            "MergeSupportFunc" => {
+                self.functions.insert("merge_action".into());
+            }
+            _ => {
+                if let Some((_, name)) = SQL_JSON_CALLS.iter().find(|(t, _)| *t == ty) {
+                    self.functions.insert((*name).to_owned());
+                }
+                self.fields(ty, f, pos)
+            }
         }
     }
 
@@ -272,7 +346,17 @@ impl Facts {
         if !is_null(f.get("into_clause")) {
             self.nested.push(K::Ddl);
         }
-        let plain = pos == Pos::Query && f.get("op").and_then(Value::as_i64) == Some(SETOP_NONE);
+        // `ORDER BY 2` / `GROUP BY 1` use an output column by its position: then no
+        // output column is only shown.
+        let positional = ["sort_clause", "group_clause"].iter().any(|k| {
+            matches!(f.get(*k), Some(Value::Array(items)) if items.iter().any(|i| {
+                let item = i.pointer("/node/SortBy/node").unwrap_or(i);
+                item.pointer("/node/AConst/val/Ival").is_some()
+            }))
+        });
+        let plain = pos == Pos::Query
+            && !positional
+            && f.get("op").and_then(Value::as_i64) == Some(SETOP_NONE);
         let pushed = match f.get("with_clause") {
             Some(Value::Object(w)) => self.with_clause(w),
             _ => 0,
@@ -302,6 +386,9 @@ impl Facts {
             self.alias(alias);
         }
         self.relation_names.insert(name.to_owned());
+        if (schema.is_empty() || schema == "pg_catalog") && EXPOSING_RELATIONS.contains(&name) {
+            self.exposing_relations.insert(format!("pg_catalog.{name}"));
+        }
         // A bare name in FROM is a CTE when one of that name is in scope; a write's
         // target (`DELETE FROM x`) is always a table.
         if pos == Pos::From && schema.is_empty() && self.ctes.iter().any(|c| c == name) {
@@ -337,6 +424,12 @@ impl Facts {
                 // `*`, `t.*`
                 _ => "*".to_owned(),
             };
+        self.reference(name, fields.len() == 1, pos);
+    }
+
+    /// A column reference: `name` (`*` for a star), `bare` when written as one name
+    /// (it may then be a whole row of a relation of that name).
+    fn reference(&mut self, name: String, bare: bool, pos: Pos) {
         for &i in &self.open {
             self.derived[i].references.insert(name.clone());
         }
@@ -345,12 +438,14 @@ impl Facts {
             if name != "*" {
                 self.defined(&name);
             }
+            if bare {
+                // Kept to check once every relation name is known: a whole row has no
+                // column origin at the server, so it is never a plain column.
+                self.plain_bare.push(name);
+            }
             return;
         }
-        self.non_plain.push(Reference {
-            name,
-            bare: fields.len() == 1,
-        });
+        self.non_plain.push(Reference { name, bare });
     }
 
     fn open_derived(&mut self) -> usize {
@@ -377,18 +472,23 @@ impl Facts {
         // (SET TRANSACTION / SESSION CHARACTERISTICS), 5 RESET, 6 RESET ALL. A RESET
         // returns to the value the session started with, which the gateway pinned.
         let kind = f.get("kind").and_then(Value::as_i64).unwrap_or(0);
+        let read_only_setting = matches!(
+            name.as_str(),
+            "default_transaction_read_only" | "transaction_read_only"
+        );
         match kind {
+            // `RESET transaction_read_only` goes to the built-in default (off), not to
+            // what the session was pinned to.
+            5 if read_only_setting => {
+                self.settings.insert(name);
+            }
             5 | 6 => {}
             4 => {
                 if turns_read_only_off(f.get("args")) {
                     self.settings.insert("transaction_read_only".into());
                 }
             }
-            _ if matches!(
-                name.as_str(),
-                "default_transaction_read_only" | "transaction_read_only"
-            ) =>
-            {
+            _ if read_only_setting => {
                 if !setting_is_on(f.get("args")) {
                     self.settings.insert(name);
                 }
@@ -414,7 +514,16 @@ impl Facts {
             }
         }
         let mut out: BTreeSet<String> = BTreeSet::new();
-        for r in &self.non_plain {
+        let whole_rows = self
+            .plain_bare
+            .iter()
+            .filter(|n| self.relation_names.contains(*n))
+            .map(|n| Reference {
+                name: n.clone(),
+                bare: true,
+            });
+        let whole_rows: Vec<Reference> = whole_rows.collect();
+        for r in self.non_plain.iter().chain(&whole_rows) {
             let mut stack = vec![r.name.as_str()];
             let mut seen = BTreeSet::new();
             if r.bare && self.relation_names.contains(&r.name) {
