@@ -1029,3 +1029,68 @@ async fn every_spelling_of_a_write_is_decided_and_counted() {
     assert!(!o.status.success());
     s.assert_nothing_leaked(&text(&o.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_never_answers_gets_a_clear_error_not_a_hang() {
+    // Control: the "server" accepts the connection and then says nothing, ever.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_port = hung.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = hung.accept().await {
+            held.push(stream);
+        }
+    });
+    let pki = Pki::new();
+    let issuer = OidcIssuer::start(&pki).await;
+    let port = free_port();
+    let mut bundle = bundle(hung_port, port, free_port(), &issuer.url, json!({}));
+    bundle["connections"].as_array_mut().unwrap().truncate(1);
+    bundle["policies"][0]["spec"]["connections"] = json!(["ro-db"]);
+    bundle["policies"][0]["spec"]["rules"] = json!([
+        { "name": "reads", "match": { "sql": { "statements": ["select"] } }, "action": "allow" }
+    ]);
+    let sidecar = Sidecar::start(&bundle, "app=\"agent\"\n", |dir| {
+        pki.write_ca(&dir.join("extra-ca.pem"));
+        let creds = dir.join("credentials/db-creds");
+        std::fs::create_dir_all(&creds).unwrap();
+        std::fs::write(creds.join("username"), "app").unwrap();
+        std::fs::write(creds.join("password"), APP_PASSWORD).unwrap();
+    })
+    .await;
+    let token = issuer.token(&["developers"], json!({}));
+    let started = std::time::Instant::now();
+    let o = tokio::task::spawn_blocking(move || {
+        Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "app",
+                "-d",
+                "postgres",
+            ])
+            .args(["-X", "-c", "SELECT 1"])
+            .env("PGPASSWORD", &token)
+            // Longer than the sidecar's own login bound: its answer is what is tested.
+            .env("PGCONNECT_TIMEOUT", "60")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("did not complete the login"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(sidecar);
+}

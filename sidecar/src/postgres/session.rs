@@ -1761,10 +1761,7 @@ impl ServerHalf {
         let Some((affected, tag, error)) = outcome else {
             return Ok(());
         };
-        let rows = e.rows;
         let done = e.end_result(affected);
-        let mut record = done;
-        record.0.event.rows_returned = Some(rows);
         let note = match &error {
             Some(m) => {
                 format!("ran after an earlier result of its query was cut off, and failed: {m}")
@@ -1773,7 +1770,7 @@ impl ServerHalf {
                 "ran after an earlier result of its query was cut off ({tag}); its result was not shown"
             ),
         };
-        self.record_result(record, Some(note.clone()));
+        self.record_result(done, Some(note.clone()));
         notice_response(&format!(
             "agentgate: a later statement of this query {note}"
         ))

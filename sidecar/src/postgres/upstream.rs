@@ -62,7 +62,13 @@ pub enum ConnectError {
     /// The server sent something that is not the protocol.
     #[error("the database broke the protocol: {0}")]
     Protocol(String),
+    /// Connecting, TLS and login together took longer than allowed.
+    #[error("the database did not complete the login within {0:?}")]
+    Timeout(std::time::Duration),
 }
+
+/// How long connecting, the TLS handshake and the login to the server may take.
+const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl From<ProtocolError> for ConnectError {
     fn from(e: ProtocolError) -> Self {
@@ -195,6 +201,18 @@ impl PgUpstream {
     /// name, date style) along. The server's reported settings are checked against
     /// the pins: a session the server does not pin as asked is not used.
     pub async fn connect(
+        &self,
+        parameters: &[(String, String)],
+        read_only: bool,
+    ) -> Result<Established, ConnectError> {
+        // A server that accepts TCP and never answers must not hold the agent (or the
+        // catalog lock) forever.
+        tokio::time::timeout(LOGIN_TIMEOUT, self.login(parameters, read_only))
+            .await
+            .unwrap_or(Err(ConnectError::Timeout(LOGIN_TIMEOUT)))
+    }
+
+    async fn login(
         &self,
         parameters: &[(String, String)],
         read_only: bool,
