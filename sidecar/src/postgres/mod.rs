@@ -18,7 +18,8 @@ use tokio::net::TcpListener;
 use crate::gateway::Gateway;
 pub use upstream::PgUpstream;
 
-/// How long the impact preview's EXPLAIN may take.
+/// How long the impact preview's EXPLAIN, or one of the sidecar's catalog look-ups,
+/// may take (a timed-out look-up masks every column it could not name).
 const PREVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// State the Postgres sessions of one sidecar share.
@@ -268,10 +269,16 @@ impl Shared {
                 return None;
             }
         };
-        match conn.simple_query(sql).await {
-            Ok(rows) => Some(rows),
-            Err(e) => {
+        // Bounded like the preview: the lock is shared by the Connection's sessions.
+        match tokio::time::timeout(PREVIEW_TIMEOUT, conn.simple_query(sql)).await {
+            Ok(Ok(rows)) => Some(rows),
+            Ok(Err(e)) => {
                 tracing::warn!(connection, error = %e, "catalog look-up failed; masking what cannot be looked up");
+                catalog.connection = None;
+                None
+            }
+            Err(_) => {
+                tracing::warn!(connection, "catalog look-up timed out; masking what cannot be looked up");
                 catalog.connection = None;
                 None
             }
