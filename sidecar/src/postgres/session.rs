@@ -1085,6 +1085,8 @@ impl AgentHalf {
         let decided = with_cursors
             .as_ref()
             .map_or_else(|_| (**sql).clone(), Clone::clone);
+        // The record shows what was decided: a FETCH as what its cursor reads.
+        record.event.request["statements"] = json!(decided.statements);
         let declares: Vec<(String, SqlStatement)> = decided
             .statements
             .iter()
