@@ -320,14 +320,13 @@ fn pinned_setting(
 ) -> Option<String> {
     let settings = || sql.statements.iter().flat_map(|s| s.settings.iter());
     if let Some(name) = settings().find(|n| PINNED_SETTINGS.contains(&n.as_str())) {
-        let what = if name == "*" {
-            "set_config() may change any setting, and".to_owned()
+        return Some(if name == "*" {
+            "set_config() may change any setting, including those agentgate pins for the whole session (it decides SQL as the server reads it); use SET for other settings".to_owned()
         } else {
-            name.clone()
-        };
-        return Some(format!(
-            "agentgate pins {what} for the whole session (it decides SQL as the server reads it); it cannot be changed through agentgate"
-        ));
+            format!(
+                "agentgate pins {name} for the whole session (it decides SQL as the server reads it); it cannot be changed through agentgate"
+            )
+        });
     }
     if session_is_read_only(policy, connection)
         && let Some(name) = settings().find(|n| n.contains("read_only"))
