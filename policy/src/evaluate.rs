@@ -328,8 +328,8 @@ fn pinned_setting(
             )
         });
     }
-    if session_is_read_only(policy, connection)
-        && let Some(name) = settings().find(|n| n.contains("read_only"))
+    if let Some(name) = settings().find(|n| n.contains("read_only"))
+        && session_is_read_only(policy, connection)
     {
         return Some(format!(
             "this session is read-only (no policy lets it write on Connection {connection}), and {name} cannot be turned off"

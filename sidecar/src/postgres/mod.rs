@@ -278,7 +278,10 @@ impl Shared {
                 None
             }
             Err(_) => {
-                tracing::warn!(connection, "catalog look-up timed out; masking what cannot be looked up");
+                tracing::warn!(
+                    connection,
+                    "catalog look-up timed out; masking what cannot be looked up"
+                );
                 catalog.connection = None;
                 None
             }

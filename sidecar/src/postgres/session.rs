@@ -913,6 +913,9 @@ impl AgentHalf {
     /// Waits, when an earlier batch changed `name` and the server has not answered it
     /// yet, until it has: what the server did with it is then in the registry.
     async fn confirmed(&mut self, target: u8, name: &str) -> Result<(), SessionEnd> {
+        if self.touched.is_empty() && self.touched_all <= *self.resolved.borrow() {
+            return Ok(());
+        }
         let batch = self
             .touched
             .get(&(target, name.to_owned()))
@@ -981,12 +984,13 @@ impl AgentHalf {
     /// may be at the server — a cursor declared earlier in the same text, a cursor the
     /// server confirmed declaring, a protocol portal (SQL `FETCH` runs those too) — at
     /// once. A name that is none of them is refused: what it reads is unknown.
+    /// `None` when nothing in `sql` is a FETCH/MOVE (the common case: no copy).
     async fn with_cursors(
         &mut self,
         sql: &SqlRequest,
-    ) -> Result<Result<SqlRequest, String>, SessionEnd> {
+    ) -> Result<Result<Option<SqlRequest>, String>, SessionEnd> {
         if !sql.statements.iter().any(|s| s.cursor.is_some()) {
-            return Ok(Ok(sql.clone()));
+            return Ok(Ok(None));
         }
         let mut out = sql.clone();
         for i in 0..sql.statements.len() {
@@ -1017,7 +1021,7 @@ impl AgentHalf {
             decided.declares = None;
             out.statements[i] = decided;
         }
-        Ok(Ok(out))
+        Ok(Ok(Some(out)))
     }
 
     /// A refusal inside an extended-protocol batch: the error now, then skip to `Sync`.
@@ -1082,11 +1086,14 @@ impl AgentHalf {
             Ok(r) => r,
             Err(_) => Err("the session is ending".to_owned()),
         };
-        let decided = with_cursors
-            .as_ref()
-            .map_or_else(|_| (**sql).clone(), Clone::clone);
-        // The record shows what was decided: a FETCH as what its cursor reads.
-        record.event.request["statements"] = json!(decided.statements);
+        let decided = match &with_cursors {
+            Ok(Some(resolved)) => {
+                // The record shows what was decided: a FETCH as what its cursor reads.
+                record.event.request["statements"] = json!(resolved.statements);
+                resolved.clone()
+            }
+            _ => (**sql).clone(),
+        };
         let declares: Vec<(String, SqlStatement)> = decided
             .statements
             .iter()
