@@ -501,13 +501,20 @@ async fn a_driver_with_the_extended_protocol_pipelines_prepares_and_cancels() {
     // Cancel: the key the agent got maps to the real backend.
     let token = client.cancel_token();
     let slow = client.query_one("SELECT count(*) FROM generate_series(1, 2000000000)", &[]);
-    let cancel = async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        token.cancel_query(tokio_postgres::NoTls).await
+    // A cancel that arrives before the query reached the server cancels nothing (as
+    // with the server itself): on a loaded machine, send it again until it lands.
+    let slow = async {
+        let mut slow = std::pin::pin!(slow);
+        loop {
+            tokio::select! {
+                done = &mut slow => return done,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {
+                    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+                }
+            }
+        }
     };
-    let (slow, cancel) = tokio::join!(slow, cancel);
-    cancel.unwrap();
-    let err = slow.unwrap_err();
+    let err = slow.await.unwrap_err();
     assert_eq!(
         err.code(),
         Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
