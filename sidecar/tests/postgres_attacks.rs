@@ -1094,3 +1094,69 @@ async fn a_database_that_never_answers_gets_a_clear_error_not_a_hang() {
     );
     drop(sidecar);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_the_server_dropped_mid_transaction_are_gone_for_the_gate_too() {
+    let s = setup().await;
+    let mut seen = String::new();
+    let mut raw = Raw::connect(s.ro, &s.token()).await;
+    // A portal bound in a transaction, dropped by COMMIT, and a SQL cursor of its name
+    // declared in the next transaction of the same query string.
+    raw.send(&[query("BEGIN")]).await;
+    raw.until_ready().await;
+    raw.send(&[
+        parse("s1", "SELECT 1::int4 AS a, 2::int4 AS b, 3::int4 AS c"),
+        bind("p1", "s1"),
+        sync(),
+    ])
+    .await;
+    raw.until_ready().await;
+    raw.send(&[query(
+        "COMMIT; BEGIN; DECLARE p1 CURSOR FOR SELECT email, ssn, api_key FROM customers",
+    )])
+    .await;
+    raw.until_ready().await;
+    raw.send(&[execute("p1"), sync()]).await;
+    let out = shown(&raw.until_ready().await);
+    seen += &out;
+    assert!(out.contains("does not exist"), "{out}");
+    raw.send(&[query("ROLLBACK")]).await;
+    raw.until_ready().await;
+    // DEALLOCATE ALL in a batch, then a Bind of a statement parsed earlier in it: the
+    // gate answers at once, as the server does, instead of waiting for itself.
+    raw.send(&[
+        parse("s9", "SELECT 1"),
+        parse("d", "DEALLOCATE ALL"),
+        bind("", "d"),
+        execute(""),
+        bind("", "s9"),
+        execute(""),
+        sync(),
+    ])
+    .await;
+    let out = shown(&raw.until_ready().await);
+    assert!(out.contains("does not exist"), "{out}");
+    s.assert_nothing_leaked(&seen);
+
+    // A FETCH of a portal bound to an INSERT writes rows the server does not count: it
+    // is refused under a session write limit.
+    let mut raw = Raw::connect(s.rw, &s.token()).await;
+    raw.send(&[query("BEGIN")]).await;
+    raw.until_ready().await;
+    raw.send(&[
+        parse("", "INSERT INTO orders SELECT n, 0, 'via fetch' FROM generate_series(3000, 3999) AS t(n) RETURNING id"),
+        bind("c0", ""),
+        sync(),
+    ])
+    .await;
+    raw.until_ready().await;
+    raw.send(&[query("FETCH 1 FROM c0")]).await;
+    let out = shown(&raw.until_ready().await);
+    assert!(out.contains("maxRowsModifiedPerSession"), "{out}");
+    raw.send(&[query("COMMIT")]).await;
+    raw.until_ready().await;
+    assert_eq!(
+        s.direct_ok("SELECT count(*) FROM orders WHERE id >= 3000"),
+        "0"
+    );
+}

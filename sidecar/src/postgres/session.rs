@@ -184,6 +184,12 @@ impl Registry {
     /// the server half sees the statement end; a removal is applied even when the
     /// statement failed (forgetting too much only refuses more).
     fn forget(&mut self, statement: &SqlStatement) {
+        if statement.kind == SqlStatementKind::Transaction {
+            // COMMIT, ROLLBACK (TO SAVEPOINT), COMMIT AND CHAIN drop portals and
+            // cursors, whatever transaction follows.
+            self.portals.clear();
+            self.cursors.clear();
+        }
         match statement.prepared_statement.as_deref() {
             Some("*") => self.statements.clear(),
             Some(name) => {
@@ -224,6 +230,12 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Overlay {
     statements: HashMap<String, Option<Arc<Prepared>>>,
     portals: HashMap<String, Option<Arc<Bound>>>,
+    /// This batch dropped every statement (`DEALLOCATE ALL`, `DISCARD ALL`): a name
+    /// not made again since is gone.
+    statements_gone: bool,
+    /// This batch dropped every portal (`CLOSE ALL`, `DISCARD ALL`, a transaction's
+    /// end).
+    portals_gone: bool,
 }
 
 /// The agent half's view of the session.
@@ -870,9 +882,14 @@ impl AgentHalf {
     /// those names (the server half applies the change in order).
     fn note_namespace_changes(&mut self, sql: &SqlRequest) {
         for s in &sql.statements {
+            if s.kind == SqlStatementKind::Transaction {
+                self.overlay.portals.clear();
+                self.overlay.portals_gone = true;
+                self.overlay_all = true;
+            }
             for (target, name) in [(b'S', &s.prepared_statement), (b'P', &s.closes)] {
                 match name.as_deref() {
-                    Some("*") => self.overlay_all = true,
+                    Some("*") => {}
                     Some(name) => {
                         self.change(target, name);
                         if target == b'S' {
@@ -884,9 +901,14 @@ impl AgentHalf {
                     None => {}
                 }
             }
-            if s.closes.as_deref() == Some("*") || s.prepared_statement.as_deref() == Some("*") {
+            if s.prepared_statement.as_deref() == Some("*") {
                 self.overlay.statements.clear();
+                self.overlay.statements_gone = true;
+                self.overlay_all = true;
+            }
+            if s.closes.as_deref() == Some("*") {
                 self.overlay.portals.clear();
+                self.overlay.portals_gone = true;
                 self.overlay_all = true;
             }
         }
@@ -922,7 +944,9 @@ impl AgentHalf {
             .copied()
             .unwrap_or(0)
             .max(self.touched_all);
-        if *self.resolved.borrow() >= batch {
+        // Changes of the batch being sent are in the overlay; its answer cannot come
+        // before its Sync, so it is never waited for.
+        if *self.resolved.borrow() >= batch || batch > self.sent_batches {
             return Ok(());
         }
         self.flush().await?;
@@ -939,6 +963,9 @@ impl AgentHalf {
         if let Some(s) = self.overlay.statements.get(name) {
             return Ok(s.clone());
         }
+        if self.overlay.statements_gone {
+            return Ok(None);
+        }
         self.confirmed(b'S', name).await?;
         Ok(lock(&self.registry).statements.get(name).cloned())
     }
@@ -947,6 +974,9 @@ impl AgentHalf {
     async fn portal(&mut self, name: &str) -> Result<Option<Arc<Bound>>, SessionEnd> {
         if let Some(p) = self.overlay.portals.get(name) {
             return Ok(p.clone());
+        }
+        if self.overlay.portals_gone {
+            return Ok(None);
         }
         self.confirmed(b'P', name).await?;
         Ok(lock(&self.registry).portals.get(name).cloned())
@@ -1017,6 +1047,8 @@ impl AgentHalf {
             for other in sources {
                 agentgate_policy::classify::merge_statements(&mut decided, &other);
             }
+            // What a FETCH of a writing portal writes, the server does not count.
+            decided.uncounted_writes |= writes_rows(decided.kind);
             decided.cursor = Some(name);
             decided.declares = None;
             out.statements[i] = decided;
@@ -1212,7 +1244,7 @@ impl AgentHalf {
             }
         }
         if let Some(limit) = evaluation.limits.max_rows_modified_per_session
-            && sql.statements.iter().any(|s| writes_rows(s.kind))
+            && attrs_sql(&attrs).is_some_and(|s| s.statements.iter().any(|s| writes_rows(s.kind)))
         {
             let done = self.modified.load(Ordering::Relaxed);
             if done >= limit {

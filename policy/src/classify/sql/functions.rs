@@ -21,7 +21,6 @@ pub(crate) const SAFE_FUNCTIONS: &[&str] = &[
     "abs",
     "acos",
     "age",
-    "any_value",
     "array_agg",
     "array_append",
     "array_cat",
@@ -343,7 +342,7 @@ pub fn is_safe(name: &str) -> bool {
 }
 
 /// Whether `name`, however qualified, is never allowed by an allow rule.
-pub(crate) fn is_dangerous(name: &str) -> bool {
+pub fn is_dangerous(name: &str) -> bool {
     DANGEROUS_FUNCTIONS
         .binary_search(&bare_name(name).as_str())
         .is_ok()

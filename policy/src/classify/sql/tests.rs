@@ -535,3 +535,48 @@ fn what_the_adversary_found_is_classified() {
     assert!(!one("DELETE FROM t").uncounted_writes);
     assert!(one("WITH d AS (DELETE FROM t RETURNING 1) DELETE FROM u").uncounted_writes);
 }
+
+#[test]
+fn what_the_second_adversary_found_is_classified() {
+    let cols = |sql: &str| one(sql).expression_columns;
+    let any = |sql: &str| cols(sql).contains(&"*".to_owned());
+    // A table's alias renames its columns: a renamed column may be any of them.
+    assert!(any("SELECT s || '' FROM customers AS c(i, n, e, s)"));
+    assert!(any(
+        "SELECT n FROM customers AS c(i, n, e, s) WHERE s LIKE '1%'"
+    ));
+    assert!(any(
+        "SELECT x || '' FROM (customers JOIN orders USING (id)) AS j(i, n, y, x)"
+    ));
+    // Attribute notation of a built-in is a call on the whole row.
+    let s = one("SELECT c.to_jsonb FROM customers c");
+    assert!(
+        s.functions.contains(&"to_jsonb".to_owned())
+            && s.expression_columns.contains(&"*".to_owned())
+    );
+    // A whole row of a join alias.
+    assert!(any("SELECT j FROM (customers JOIN orders USING (id)) AS j"));
+    // Output aliases and positions in ORDER BY, GROUP BY, DISTINCT ON, grouping sets.
+    for sql in [
+        "SELECT name, email AS e FROM customers ORDER BY e",
+        "SELECT DISTINCT ON (2) name, email FROM customers",
+        "SELECT email, count(*) FROM customers GROUP BY ROLLUP(1)",
+        "SELECT email AS e, count(*) FROM customers GROUP BY e",
+    ] {
+        assert!(
+            cols(sql).contains(&"email".to_owned()),
+            "{sql}: {:?}",
+            cols(sql)
+        );
+    }
+    // Not positional: a constant inside an expression.
+    assert!(!cols("SELECT id, email FROM customers ORDER BY id + 1").contains(&"email".to_owned()));
+    // pg_stat_statements in whatever schema the extension was installed.
+    assert!(
+        !one("SELECT query FROM public.pg_stat_statements")
+            .dangerous_functions
+            .is_empty()
+    );
+    // any_value is not a PostgreSQL 15 built-in.
+    assert!(!is_safe("any_value"));
+}

@@ -235,6 +235,12 @@ impl Facts {
                 self.fields(ty, f, pos);
             }
             "JoinExpr" => {
+                if let Some(alias) = f.get("alias") {
+                    self.renaming_alias(alias);
+                }
+                if let Some(alias) = f.get("join_using_alias") {
+                    self.renaming_alias(alias);
+                }
                 // USING (a, b) and NATURAL compare columns without naming them in a
                 // ColumnRef: each is a column used in a condition.
                 for name in strings(f.get("using_clause")) {
@@ -346,14 +352,20 @@ impl Facts {
         if !is_null(f.get("into_clause")) {
             self.nested.push(K::Ddl);
         }
-        // `ORDER BY 2` / `GROUP BY 1` use an output column by its position: then no
-        // output column is only shown.
-        let positional = ["sort_clause", "group_clause"].iter().any(|k| {
-            matches!(f.get(*k), Some(Value::Array(items)) if items.iter().any(|i| {
-                let item = i.pointer("/node/SortBy/node").unwrap_or(i);
-                item.pointer("/node/AConst/val/Ival").is_some()
-            }))
-        });
+        // `ORDER BY 2`, `GROUP BY ROLLUP(1)`, `DISTINCT ON (e)` where `e` is an output
+        // alias: an output column used by its position or alias is not only shown.
+        let aliases: BTreeSet<&str> = match f.get("target_list") {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|i| i.pointer("/node/ResTarget/name").and_then(Value::as_str))
+                .filter(|n| !n.is_empty())
+                .collect(),
+            _ => BTreeSet::new(),
+        };
+        let positional = ["sort_clause", "group_clause", "distinct_clause"]
+            .iter()
+            .filter_map(|k| f.get(*k))
+            .any(|clause| refers_to_output(clause, &aliases));
         let plain = pos == Pos::Query
             && !positional
             && f.get("op").and_then(Value::as_i64) == Some(SETOP_NONE);
@@ -383,11 +395,18 @@ impl Facts {
         let schema = f.get("schemaname").and_then(Value::as_str).unwrap_or("");
         let name = f.get("relname").and_then(Value::as_str).unwrap_or("");
         if let Some(alias) = f.get("alias") {
-            self.alias(alias);
+            self.renaming_alias(alias);
         }
         self.relation_names.insert(name.to_owned());
         if (schema.is_empty() || schema == "pg_catalog") && EXPOSING_RELATIONS.contains(&name) {
             self.exposing_relations.insert(format!("pg_catalog.{name}"));
+        }
+        // Extensions' views install into any schema.
+        if name.starts_with("pg_stat_statements") {
+            self.exposing_relations.insert(format!(
+                "{}.{name}",
+                if schema.is_empty() { "*" } else { schema }
+            ));
         }
         // A bare name in FROM is a CTE when one of that name is in scope; a write's
         // target (`DELETE FROM x`) is always a table.
@@ -412,6 +431,20 @@ impl Facts {
         }
     }
 
+    /// The alias of a table or a join (`customers AS c(i, n, e, s)`): its column names
+    /// rename the relation's columns, in an order the walk cannot see, so each may be
+    /// any of them.
+    fn renaming_alias(&mut self, alias: &Value) {
+        self.alias(alias);
+        let renamed = strings(alias.get("colnames"));
+        if !renamed.is_empty() {
+            self.derived.push(Derived {
+                defines: renamed.into_iter().collect(),
+                references: std::iter::once("*".to_owned()).collect(),
+            });
+        }
+    }
+
     fn column_ref(&mut self, f: &Map<String, Value>, pos: Pos) {
         let fields: &[Value] = match f.get("fields") {
             Some(Value::Array(a)) => a,
@@ -424,6 +457,16 @@ impl Facts {
                 // `*`, `t.*`
                 _ => "*".to_owned(),
             };
+        // `c.to_jsonb` is `to_jsonb(c)` when `c` has no column of that name (functional
+        // notation): a built-in's name after a relation is read as that call on the
+        // whole row.
+        if fields.len() == 2
+            && (super::functions::is_safe(&name) || super::functions::is_dangerous(&name))
+        {
+            self.functions.insert(name);
+            self.reference("*".to_owned(), false, Pos::Other);
+            return;
+        }
         self.reference(name, fields.len() == 1, pos);
     }
 
@@ -639,4 +682,34 @@ fn const_is_on(v: Option<&Value>) -> bool {
         return matches!(s.to_ascii_lowercase().as_str(), "on" | "true" | "yes" | "1");
     }
     false
+}
+
+/// Whether a clause uses an output column by position (`ORDER BY 2`, `GROUP BY
+/// ROLLUP(1)`) or by an output alias (`ORDER BY e`) — the forms the server reads as
+/// output columns: a bare integer or name as an item, not inside an expression.
+fn refers_to_output(v: &Value, aliases: &BTreeSet<&str>) -> bool {
+    match v {
+        Value::Array(items) => items.iter().any(|i| refers_to_output(i, aliases)),
+        Value::Object(map) if map.len() == 1 => {
+            let Some((key, inner)) = map.iter().next() else {
+                return false;
+            };
+            match key.as_str() {
+                "node" => refers_to_output(inner, aliases),
+                "AConst" => inner.get("val").and_then(|v| v.get("Ival")).is_some(),
+                "ColumnRef" => match &strings(inner.get("fields"))[..] {
+                    [one] => aliases.contains(one.as_str()),
+                    _ => false,
+                },
+                "SortBy" => inner
+                    .get("node")
+                    .is_some_and(|n| refers_to_output(n, aliases)),
+                "GroupingSet" => inner
+                    .get("content")
+                    .is_some_and(|c| refers_to_output(c, aliases)),
+                _ => false,
+            }
+        }
+        _ => false,
+    }
 }
