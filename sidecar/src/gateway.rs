@@ -970,9 +970,9 @@ fn body_mode(
         .unwrap_or_default()
         .trim()
         .to_owned();
-    let json = media == "application/json" || media.ends_with("+json") || media.contains("json");
-    let streaming =
-        is_watch || content_type.contains("stream=watch") || media == "text/event-stream";
+    let json = media.contains("json");
+    let watch = is_watch || content_type.contains("stream=watch");
+    let streaming = watch || media == "text/event-stream";
     let unmaskable = || {
         Err(format!(
             "the response's content type {content_type:?} cannot be masked (ask for JSON)"
@@ -984,7 +984,7 @@ fn body_mode(
     if !json && structured && (masking.needs_json_structure() || protocol == Protocol::Kubernetes) {
         return unmaskable();
     }
-    if streaming && !json && protocol == Protocol::Kubernetes {
+    if watch && !json && protocol == Protocol::Kubernetes {
         // A watch is only ever asked for as JSON.
         return unmaskable();
     }
@@ -998,6 +998,8 @@ fn body_mode(
             || json
             || media.starts_with("text/")
             || media.contains("xml")
+            // Text, so the detectors read it; reached only when no structure rule applies.
+            || media.contains("yaml")
             || media.contains("x-www-form-urlencoded") =>
         {
             Some(Mode::Text(MaskStream::new()))
@@ -1131,6 +1133,104 @@ mod tests {
         assert_eq!(
             bearer_token(&h, Protocol::Kubernetes).as_deref(),
             Some("user-jwt")
+        );
+    }
+
+    #[test]
+    fn bodies_are_masked_as_what_they_are_or_refused() {
+        use agentgate_crds::{DetectorSet, Masking};
+        let profile = |sets: Vec<DetectorSet>| {
+            MaskingProfile::compile(
+                &Masking {
+                    detectors: sets,
+                    ..Default::default()
+                },
+                b"k",
+            )
+            .unwrap()
+        };
+        let structured = profile(vec![DetectorSet::Secrets]);
+        let text_only = profile(vec![DetectorSet::Pii]);
+        let ct = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_str(v).unwrap());
+            h
+        };
+        let mode = |p: &MaskingProfile, v: &str, watch: bool, proto: Protocol| {
+            body_mode(p, &ct(v), watch, proto).map(|m| match m {
+                None => "document",
+                Some(Mode::Pass) => "pass",
+                Some(Mode::Text(_)) => "text",
+                Some(Mode::JsonLines(_)) => "json-lines",
+            })
+        };
+        use Protocol::{Http, Kubernetes};
+        assert_eq!(
+            mode(&structured, "application/json", false, Kubernetes),
+            Ok("document")
+        );
+        assert_eq!(
+            mode(&structured, "application/json", true, Kubernetes),
+            Ok("json-lines")
+        );
+        assert_eq!(
+            mode(
+                &structured,
+                "application/json;stream=watch",
+                false,
+                Kubernetes
+            ),
+            Ok("json-lines"),
+            "a stream the classifier did not see is still masked event by event"
+        );
+        for refused in [
+            "application/yaml",
+            "application/vnd.kubernetes.protobuf",
+            "application/cbor",
+            "application/vnd.kubernetes.protobuf;stream=watch",
+        ] {
+            assert!(
+                mode(&structured, refused, false, Kubernetes).is_err(),
+                "{refused}"
+            );
+            assert!(
+                mode(&structured, refused, false, Http).is_err(),
+                "{refused}"
+            );
+            assert!(
+                mode(&text_only, refused, false, Kubernetes).is_err(),
+                "{refused}"
+            );
+        }
+        assert!(
+            mode(&structured, "text/plain", true, Kubernetes).is_err(),
+            "a watch is JSON"
+        );
+        assert_eq!(
+            mode(&text_only, "application/yaml", false, Http),
+            Ok("text")
+        );
+        assert_eq!(
+            mode(&structured, "text/plain", false, Kubernetes),
+            Ok("text")
+        );
+        assert_eq!(
+            mode(&structured, "text/event-stream", false, Kubernetes),
+            Ok("text")
+        );
+        assert_eq!(
+            mode(&structured, "application/xml", false, Http),
+            Ok("text")
+        );
+        assert!(mode(&structured, "application/octet-stream", false, Http).is_err());
+        assert_eq!(
+            mode(
+                &MaskingProfile::none(),
+                "application/octet-stream",
+                false,
+                Http
+            ),
+            Ok("pass")
         );
     }
 
