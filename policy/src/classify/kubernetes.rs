@@ -73,7 +73,14 @@ pub fn classify_kubernetes(
     }
     info.resource = parts[0].to_owned();
 
-    let params = parse_query(query)?;
+    // A proxied request's query is the pod's or service's business, not the API
+    // server's: it is not read (nor refused) here.
+    let proxied = info.verb == "proxy" || info.subresource == "proxy";
+    let params = if proxied {
+        Vec::new()
+    } else {
+        parse_query(query)?
+    };
     if info.name.is_empty() && info.verb == "get" {
         let (watch, name) = list_options(&params);
         info.verb = if watch { "watch" } else { "list" }.to_owned();

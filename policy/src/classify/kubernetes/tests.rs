@@ -342,7 +342,15 @@ fn queries_the_api_server_could_read_differently_are_refused() {
     )
     .unwrap();
     assert_eq!(exec.verb, "create");
-    // ...and so is a repeated write parameter on a write: refused like on a list.
+    // A proxied request's query belongs to the pod.
+    let proxied = classify_kubernetes(
+        "GET",
+        "/api/v1/namespaces/prod/pods/web-0/proxy/metrics",
+        "limit=1&limit=2;x=%zz",
+    )
+    .unwrap();
+    assert_eq!(proxied.subresource, "proxy");
+    // A repeated write parameter on a write is refused as on a list.
     assert!(
         classify_kubernetes(
             "POST",
