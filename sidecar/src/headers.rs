@@ -16,7 +16,7 @@ use base64::Engine as _;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Request headers every Connection forwards.
-const FORWARDED: [&str; 25] = [
+const FORWARDED: [&str; 24] = [
     "accept",
     "accept-language",
     "cache-control",
@@ -27,7 +27,6 @@ const FORWARDED: [&str; 25] = [
     "content-md5",
     "content-type",
     "date",
-    "expect",
     "idempotency-key",
     "if-match",
     "if-modified-since",
