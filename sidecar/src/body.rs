@@ -43,6 +43,17 @@ pub struct Completion {
 
 type OnEnd = Box<dyn FnOnce(Completion) + Send + Sync>;
 
+/// What a body is masked with.
+#[derive(Debug)]
+pub struct BodyMasks {
+    /// The policy's masking.
+    pub profile: Arc<MaskingProfile>,
+    /// The injected credential, searched for in everything the mode lets out.
+    pub credential: Arc<CredentialMask>,
+    /// What the response's headers had masked: the body's report starts from it.
+    pub headers: MaskReport,
+}
+
 /// A masked, limited response body.
 pub struct MaskedBody {
     inner: Incoming,
@@ -74,12 +85,16 @@ impl MaskedBody {
     pub fn new(
         inner: Incoming,
         mode: Mode,
-        profile: Arc<MaskingProfile>,
-        credential: Arc<CredentialMask>,
+        masks: BodyMasks,
         limit: Option<u64>,
         max_line: usize,
         on_end: impl FnOnce(Completion) + Send + Sync + 'static,
     ) -> Self {
+        let BodyMasks {
+            profile,
+            credential,
+            headers: report,
+        } = masks;
         Self {
             inner,
             mode,
@@ -89,7 +104,7 @@ impl MaskedBody {
             limit,
             max_line,
             sent: 0,
-            report: MaskReport::default(),
+            report,
             pending: None,
             finished: false,
             on_end: Some(Box::new(on_end)),

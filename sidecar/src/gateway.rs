@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 
 use crate::approval::{ApprovalHook, ApprovalOutcome, Executed, HeldRequest};
 use crate::audit::{Audit, AuditEvent};
-use crate::body::{Body, BodyError, Completion, MaskedBody, Mode};
+use crate::body::{Body, BodyError, BodyMasks, Completion, MaskedBody, Mode};
 use crate::dry_run;
 use crate::headers;
 use crate::identity::IdentityValidator;
@@ -582,7 +582,8 @@ impl Gateway {
             credential,
         } = masks;
         let (mut parts, body) = response.into_parts();
-        mask_headers(&mut parts.headers, &masking, &credential, &record);
+        // Counted with the body's masking, in the completion record and the metrics.
+        let header_report = mask_headers(&mut parts.headers, &masking, &credential, &record);
         let mode = match body_mode(&masking, &parts.headers, is_watch, protocol) {
             Ok(mode) => mode,
             Err(reason) => {
@@ -629,7 +630,7 @@ impl Gateway {
                     return self.refuse(record, protocol, Refusal::Response(reason));
                 }
             };
-            let mut report = MaskReport::default();
+            let mut report = header_report;
             let masked = match serde_json::from_slice::<serde_json::Value>(&bytes) {
                 Ok(mut doc) => {
                     masking.mask_json(&mut doc, &mut report);
@@ -679,8 +680,11 @@ impl Gateway {
         let body = MaskedBody::new(
             body,
             mode,
-            masking,
-            credential,
+            BodyMasks {
+                profile: masking,
+                credential,
+                headers: header_report,
+            },
             limits.max_response_bytes,
             max_line,
             move |done| gw.complete(record, Some(status), done),
@@ -838,7 +842,7 @@ fn mask_headers(
     masking: &MaskingProfile,
     credential: &CredentialMask,
     record: &Record,
-) {
+) -> MaskReport {
     let mut report = MaskReport::default();
     for (name, value) in headers.iter_mut() {
         if headers::is_credential_response_header(name, &credential.header) {
@@ -860,6 +864,7 @@ fn mask_headers(
     if report.total() > 0 {
         tracing::debug!(request_id = %record.event.request_id, masked = report.total(), "response headers masked");
     }
+    report
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {

@@ -267,6 +267,10 @@ async fn an_upstream_echoing_the_credential_never_hands_it_to_the_agent() {
         s.sidecar.audit().contains("\"upstream-credential\""),
         "the echo is counted in the audit record"
     );
+    assert!(
+        s.sidecar.audit().contains("\"credential-header\""),
+        "masked response headers are counted too"
+    );
     assert!(!s.sidecar.audit().contains(TOKEN));
     assert!(!s.sidecar.audit().contains(API_KEY));
 }
