@@ -59,8 +59,8 @@ async fn setup() -> Cluster {
     };
     let apply = |manifest: String| {
         let path = std::env::temp_dir().join(format!(
-            "agentgate-attacks-{}-{}.yaml",
-            std::process::id(),
+            // Per namespace: tests run in parallel in this process.
+            "agentgate-attacks-{ns}-{}.yaml",
             manifest.len()
         ));
         std::fs::write(&path, manifest).unwrap();
@@ -245,9 +245,15 @@ impl Cluster {
         headers: &[(&str, &str)],
         body: &str,
     ) -> (u16, HeaderMap, String) {
-        plain_request(port, request(method, target, headers, body))
-            .await
-            .unwrap()
+        // Bounded: a watch let through as something else would never end, and the test
+        // must then fail, not hang.
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            plain_request(port, request(method, target, headers, body)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{method} {target}: no complete response in 30 s"))
+        .unwrap()
     }
 
     /// Whether the API server, asked `target` directly as the service account (with
