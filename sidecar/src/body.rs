@@ -5,10 +5,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use agentgate_policy::masking::{MaskReport, MaskStream, MaskingProfile};
+use agentgate_policy::masking::{LiteralStream, MaskReport, MaskStream, MaskingProfile};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
+
+use crate::gateway::CredentialMask;
 
 /// The body type every proxied message is converted to.
 pub type Body = http_body_util::combinators::BoxBody<Bytes, BodyError>;
@@ -24,6 +26,7 @@ pub enum Mode {
     Text(MaskStream),
     /// Newline-delimited JSON (Kubernetes watch events): each line masked as a JSON
     /// document, so structure-aware rules (Secret data, JSON paths) apply to streams too.
+    /// A line that is not JSON ends the body: it cannot be masked as the policy says.
     JsonLines(Vec<u8>),
 }
 
@@ -40,11 +43,25 @@ pub struct Completion {
 
 type OnEnd = Box<dyn FnOnce(Completion) + Send + Sync>;
 
+/// What a body is masked with.
+#[derive(Debug)]
+pub struct BodyMasks {
+    /// The policy's masking.
+    pub profile: Arc<MaskingProfile>,
+    /// The injected credential, searched for in everything the mode lets out.
+    pub credential: Arc<CredentialMask>,
+    /// What the response's headers had masked: the body's report starts from it.
+    pub headers: MaskReport,
+}
+
 /// A masked, limited response body.
 pub struct MaskedBody {
     inner: Incoming,
     mode: Mode,
     profile: Arc<MaskingProfile>,
+    /// The injected credential, searched for in everything the mode lets out.
+    credential: Arc<CredentialMask>,
+    literal: LiteralStream,
     limit: Option<u64>,
     max_line: usize,
     sent: u64,
@@ -68,19 +85,26 @@ impl MaskedBody {
     pub fn new(
         inner: Incoming,
         mode: Mode,
-        profile: Arc<MaskingProfile>,
+        masks: BodyMasks,
         limit: Option<u64>,
         max_line: usize,
         on_end: impl FnOnce(Completion) + Send + Sync + 'static,
     ) -> Self {
+        let BodyMasks {
+            profile,
+            credential,
+            headers: report,
+        } = masks;
         Self {
             inner,
             mode,
             profile,
+            credential,
+            literal: LiteralStream::default(),
             limit,
             max_line,
             sent: 0,
-            report: MaskReport::default(),
+            report,
             pending: None,
             finished: false,
             on_end: Some(Box::new(on_end)),
@@ -105,7 +129,7 @@ impl MaskedBody {
                     buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1)
                 };
                 for line in buf[..complete].split_inclusive(|b| *b == b'\n') {
-                    mask_json_line(&self.profile, line, &mut out, &mut self.report);
+                    mask_json_line(&self.profile, line, &mut out, &mut self.report)?;
                 }
                 buf.drain(..complete);
                 if buf.len() > self.max_line {
@@ -116,6 +140,15 @@ impl MaskedBody {
                 }
             }
         }
+        let mut released = Vec::with_capacity(out.len());
+        self.literal.push(
+            self.credential.literals(),
+            &out,
+            last,
+            &mut released,
+            &mut self.report,
+        );
+        let out = released;
         self.sent += out.len() as u64;
         if let Some(limit) = self.limit.filter(|l| self.sent > *l) {
             return Err(format!(
@@ -136,28 +169,29 @@ impl MaskedBody {
     }
 }
 
-/// Masks one line of newline-delimited JSON; a line that is not JSON is masked as text.
+/// Masks one line of newline-delimited JSON. A line that is not JSON is an error: the
+/// structure rules cannot apply to it, and text detectors alone would be a weaker mask
+/// than the policy asked for.
 pub fn mask_json_line(
     profile: &MaskingProfile,
     line: &[u8],
     out: &mut Vec<u8>,
     report: &mut MaskReport,
-) {
+) -> Result<(), String> {
     let trimmed = line.trim_ascii();
     if trimmed.is_empty() {
         out.extend_from_slice(line);
-        return;
+        return Ok(());
     }
-    match serde_json::from_slice::<serde_json::Value>(trimmed) {
-        Ok(mut doc) => {
-            profile.mask_json(&mut doc, report);
-            out.extend_from_slice(doc.to_string().as_bytes());
-            if line.ends_with(b"\n") {
-                out.push(b'\n');
-            }
-        }
-        Err(_) => out.extend_from_slice(&profile.mask_bytes(line, report)),
+    let mut doc = serde_json::from_slice::<serde_json::Value>(trimmed).map_err(|e| {
+        format!("a line of the streamed JSON response is not JSON ({e}), so it cannot be masked; the stream was cut off")
+    })?;
+    profile.mask_json(&mut doc, report);
+    out.extend_from_slice(doc.to_string().as_bytes());
+    if line.ends_with(b"\n") {
+        out.push(b'\n');
     }
+    Ok(())
 }
 
 impl HttpBody for MaskedBody {
@@ -223,7 +257,8 @@ impl HttpBody for MaskedBody {
 
     fn size_hint(&self) -> SizeHint {
         match self.mode {
-            Mode::Pass => self.inner.size_hint(),
+            // The credential mask can change the length.
+            Mode::Pass if self.credential.is_empty() => self.inner.size_hint(),
             _ => SizeHint::default(),
         }
     }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use agentgate_crds::Protocol;
 use agentgate_policy::classify::{classify_http, classify_kubernetes};
-use agentgate_policy::masking::{MaskReport, MaskStream, MaskingProfile};
+use agentgate_policy::masking::{LiteralMask, MaskReport, MaskStream, MaskingProfile};
 use agentgate_policy::{
     Decision, EffectiveLimits, Evaluation, KubernetesRequest, RequestAttrs, Target, evaluate,
 };
@@ -24,8 +24,9 @@ use tokio::net::TcpListener;
 
 use crate::approval::{ApprovalHook, ApprovalOutcome, Executed, HeldRequest};
 use crate::audit::{Audit, AuditEvent};
-use crate::body::{Body, BodyError, Completion, MaskedBody, Mode};
+use crate::body::{Body, BodyError, BodyMasks, Completion, MaskedBody, Mode};
 use crate::dry_run;
+use crate::headers;
 use crate::identity::IdentityValidator;
 use crate::metrics::Metrics;
 use crate::refusal::{Refusal, refusal_response};
@@ -60,6 +61,12 @@ pub struct Gateway {
     pub postgres: crate::postgres::Shared,
 }
 
+/// hyper's limits on a request head: above [`headers::MAX_HEAD_BYTES`] and
+/// [`headers::MAX_HEADERS`], so the gateway sees (and refuses readably) heads up to
+/// these; only a head larger still gets hyper's bare 431.
+const HYPER_MAX_HEAD_BYTES: usize = 4 * 1024 * 1024;
+const HYPER_MAX_HEADERS: usize = 1000;
+
 /// Serves one Connection's listener until the task is dropped.
 pub async fn serve(listener: TcpListener, connection: String, gateway: Arc<Gateway>) {
     let connection: Arc<str> = connection.into();
@@ -77,8 +84,18 @@ pub async fn serve(listener: TcpListener, connection: String, gateway: Arc<Gatew
                 let (gateway, connection) = (gateway.clone(), connection.clone());
                 async move { Ok::<_, Infallible>(handle(gateway, connection, req).await) }
             });
-            // HTTP/1.1 and h2c (prior knowledge) on the same port.
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+            // HTTP/1.1 and h2c (prior knowledge) on the same port. hyper's own head
+            // limits sit well above the gateway's, so that an oversized head is refused
+            // by `handle` in the protocol's shape rather than by hyper with a bare 431.
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .max_buf_size(HYPER_MAX_HEAD_BYTES)
+                .max_headers(HYPER_MAX_HEADERS);
+            builder
+                .http2()
+                .max_header_list_size(HYPER_MAX_HEAD_BYTES as u32);
+            if let Err(e) = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await
             {
@@ -144,6 +161,10 @@ pub async fn handle(
         );
     };
     let protocol = conn.spec.protocol;
+    // Before anything reads a header: a head too large to be handled is refused.
+    if let Some(reason) = headers::head_too_large(req.headers()) {
+        return gw.refuse(record, protocol, Refusal::HeadTooLarge(reason));
+    }
 
     // 1. identity (only where a policy says how to validate it; elsewhere a token means
     // nothing, and the policy decides without one)
@@ -182,8 +203,14 @@ pub async fn handle(
         target,
     };
 
-    // 3. decide
-    let evaluation = evaluate(&runtime.policy, &attrs);
+    // 3. decide (a server-side apply as both the patch it is and the create it can be)
+    let evaluation = match apply_as_create(&attrs, req.headers()) {
+        Some(create) => stricter(
+            evaluate(&runtime.policy, &attrs),
+            evaluate(&runtime.policy, &create),
+        ),
+        None => evaluate(&runtime.policy, &attrs),
+    };
     record.event.policy = evaluation.policy.clone();
     record.event.rule = evaluation.decision.rule().map(str::to_owned);
 
@@ -234,6 +261,12 @@ pub async fn handle(
         Ok(r) => r,
         Err(refusal) => return gw.refuse(record, protocol, refusal),
     };
+    // What the response must not contain: the credential just injected, however the
+    // upstream echoes it.
+    let credential = match upstream_request_credential(&upstream) {
+        Ok(c) => c,
+        Err(refusal) => return gw.refuse(record, protocol, refusal),
+    };
     let mut response = match upstream.client.request(upstream_request).await {
         Ok(r) => r,
         Err(e) => {
@@ -250,13 +283,24 @@ pub async fn handle(
         return gw.relay(record, agent_upgrade, response);
     }
 
-    // 6. mask, 7. record (when the body ends)
+    // 6. mask, 7. record (when the body ends). The codings are checked before the
+    // hop-by-hop headers (Transfer-Encoding among them) are gone.
+    if let Err(reason) = headers::check_codings(response.headers()) {
+        gw.metrics
+            .responses_refused
+            .with_label_values(&["unmaskable"])
+            .inc();
+        return gw.refuse(record, protocol, Refusal::Response(reason));
+    }
     strip_hop_by_hop(response.headers_mut(), false);
     gw.masked_response(
         record,
         protocol,
         response,
-        evaluation.masking,
+        Masks {
+            profile: evaluation.masking,
+            credential,
+        },
         evaluation.limits,
         is_watch,
     )
@@ -531,13 +575,18 @@ impl Gateway {
         record: Record,
         protocol: Protocol,
         response: Response<Incoming>,
-        masking: Arc<MaskingProfile>,
+        masks: Masks,
         limits: EffectiveLimits,
         is_watch: bool,
     ) -> Response<Body> {
+        let Masks {
+            profile: masking,
+            credential,
+        } = masks;
         let (mut parts, body) = response.into_parts();
-        mask_headers(&mut parts.headers, &masking, &record);
-        let mode = match body_mode(&masking, &parts.headers, is_watch) {
+        // Counted with the body's masking, in the completion record and the metrics.
+        let header_report = mask_headers(&mut parts.headers, &masking, &credential, &record);
+        let mode = match body_mode(&masking, &parts.headers, is_watch, protocol) {
             Ok(mode) => mode,
             Err(reason) => {
                 self.metrics
@@ -583,14 +632,28 @@ impl Gateway {
                     return self.refuse(record, protocol, Refusal::Response(reason));
                 }
             };
-            let mut report = MaskReport::default();
+            let mut report = header_report;
             let masked = match serde_json::from_slice::<serde_json::Value>(&bytes) {
                 Ok(mut doc) => {
                     masking.mask_json(&mut doc, &mut report);
-                    Bytes::from(doc.to_string())
+                    doc.to_string().into_bytes()
                 }
-                Err(_) => Bytes::from(masking.mask_bytes(&bytes, &mut report).into_owned()),
+                // No body (a HEAD, a 204) has nothing to mask.
+                Err(_) if bytes.trim_ascii().is_empty() => bytes.to_vec(),
+                // Labelled JSON but not JSON: the structure rules cannot apply, and the
+                // text detectors alone are not what the policy asked for.
+                Err(e) => {
+                    self.metrics
+                        .responses_refused
+                        .with_label_values(&["unmaskable"])
+                        .inc();
+                    let reason = format!(
+                        "the response is labelled JSON but does not parse as JSON ({e}), so it cannot be masked"
+                    );
+                    return self.refuse(record, protocol, Refusal::Response(reason));
+                }
             };
+            let masked = Bytes::from(credential.mask(&masked, &mut report).into_owned());
             parts
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(masked.len()));
@@ -608,7 +671,8 @@ impl Gateway {
                 Full::new(masked).map_err(|never| match never {}).boxed(),
             );
         };
-        if !matches!(mode, Mode::Pass) {
+        // Masking changes lengths (of the credential too, in any mode).
+        if !matches!(mode, Mode::Pass) || !credential.is_empty() {
             parts.headers.remove(header::CONTENT_LENGTH);
         }
         let gw = self.clone();
@@ -618,7 +682,11 @@ impl Gateway {
         let body = MaskedBody::new(
             body,
             mode,
-            masking,
+            BodyMasks {
+                profile: masking,
+                credential,
+                headers: header_report,
+            },
             limits.max_response_bytes,
             max_line,
             move |done| gw.complete(record, Some(status), done),
@@ -767,13 +835,30 @@ fn request_summary(target: &Target, masking: &MaskingProfile) -> serde_json::Val
 
 /// Masks response header values (a `Location` can carry a SAS token, a `Set-Cookie` a
 /// session), dropping any value the masking turns into something not sendable.
-fn mask_headers(headers: &mut HeaderMap, masking: &MaskingProfile, record: &Record) {
-    if masking.is_empty() {
-        return;
-    }
+///
+/// Headers that carry credentials (`Set-Cookie`, `X-Api-Key`, the Connection's own
+/// credential header, …) are masked whatever the policy masks, and so is any copy of the
+/// injected credential: the agent is never to hold a credential.
+fn mask_headers(
+    headers: &mut HeaderMap,
+    masking: &MaskingProfile,
+    credential: &CredentialMask,
+    record: &Record,
+) -> MaskReport {
     let mut report = MaskReport::default();
-    for value in headers.values_mut() {
-        if let std::borrow::Cow::Owned(masked) = masking.mask_bytes(value.as_bytes(), &mut report) {
+    for (name, value) in headers.iter_mut() {
+        if headers::is_credential_response_header(name, &credential.header) {
+            *value = HeaderValue::from_static("[masked:credential-header]");
+            report.add("credential-header");
+            continue;
+        }
+        let mut masked = credential.mask(value.as_bytes(), &mut report).into_owned();
+        if !masking.is_empty()
+            && let std::borrow::Cow::Owned(m) = masking.mask_bytes(&masked, &mut report)
+        {
+            masked = m;
+        }
+        if masked != value.as_bytes() {
             *value = HeaderValue::from_bytes(&masked)
                 .unwrap_or_else(|_| HeaderValue::from_static("[masked]"));
         }
@@ -781,6 +866,7 @@ fn mask_headers(headers: &mut HeaderMap, masking: &MaskingProfile, record: &Reco
     if report.total() > 0 {
         tracing::debug!(request_id = %record.event.request_id, masked = report.total(), "response headers masked");
     }
+    report
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -844,83 +930,183 @@ pub(crate) fn upstream_request(
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     }
-    // Whatever credentials or identity the agent sent stay here.
-    parts.headers.remove(header::AUTHORIZATION);
-    parts.headers.remove(header::PROXY_AUTHORIZATION);
-    parts.headers.remove(header::COOKIE);
-    // Bodies must arrive uncompressed to be masked.
-    parts.headers.remove(header::ACCEPT_ENCODING);
-    if upstream.protocol == Protocol::Kubernetes
-        && parts
-            .headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.contains("protobuf"))
-    {
-        // Protobuf cannot be masked; the API server serves every type as JSON too.
-        parts
-            .headers
-            .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    let (name, value) = upstream
+        .credential_header()
+        .map_err(|e| Refusal::Upstream(e.to_string()))?;
+    // Only what the Connection needs goes on: never the agent's credentials or identity
+    // (`Authorization`, `Cookie`, `Impersonate-*`, its own copy of `name`), nor
+    // `Accept-Encoding` (bodies must arrive uncompressed to be masked).
+    headers::retain_forwarded(&mut parts.headers, upstream.protocol, upgrade, &name);
+    if upstream.protocol == Protocol::Kubernetes {
+        let accept = headers::kubernetes_accept(&parts.headers);
+        parts.headers.insert(header::ACCEPT, accept);
     }
     let host = HeaderValue::from_str(upstream.authority().as_str())
         .map_err(|e| Refusal::Upstream(e.to_string()))?;
     parts.headers.insert(header::HOST, host);
-    let (name, value) = upstream
-        .credential_header()
-        .map_err(|e| Refusal::Upstream(e.to_string()))?;
     parts.headers.insert(name, value);
     Ok(Request::from_parts(parts, body))
 }
 
 /// How a response body is masked: `Ok(None)` means "buffer the whole JSON document";
 /// an error means it cannot be masked and must not be passed on.
+///
+/// A body is masked as what it is or not passed on: JSON with the policy's structure
+/// rules (as a document, or line by line for watch streams however the request spelled
+/// watch), text through the detectors. A structured format the structure rules cannot
+/// read (YAML, CBOR, protobuf, …) is refused rather than masked as text, and on a
+/// kubernetes Connection, which always asks for JSON, so is anything else that is not
+/// text.
 fn body_mode(
     masking: &MaskingProfile,
     headers: &HeaderMap,
     is_watch: bool,
+    protocol: Protocol,
 ) -> Result<Option<Mode>, String> {
     if masking.is_empty() {
         return Ok(Some(Mode::Pass));
-    }
-    if let Some(encoding) = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        && !encoding.eq_ignore_ascii_case("identity")
-    {
-        return Err(format!(
-            "the upstream sent a {encoding}-encoded response, which cannot be masked"
-        ));
     }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let json = content_type.contains("json");
-    let streaming = is_watch
-        || content_type.contains("stream=watch")
-        || content_type.starts_with("text/event-stream");
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let json = media.contains("json");
+    let watch = is_watch || content_type.contains("stream=watch");
+    let streaming = watch || media == "text/event-stream";
+    let unmaskable = || {
+        Err(format!(
+            "the response's content type {content_type:?} cannot be masked (ask for JSON)"
+        ))
+    };
+    let structured = ["yaml", "cbor", "protobuf", "msgpack", "bson", "avro"]
+        .iter()
+        .any(|f| media.contains(f));
+    if !json && structured && (masking.needs_json_structure() || protocol == Protocol::Kubernetes) {
+        return unmaskable();
+    }
+    if watch && !json && protocol == Protocol::Kubernetes {
+        // A watch is only ever asked for as JSON.
+        return unmaskable();
+    }
     Ok(match () {
         _ if streaming && json && masking.needs_json_structure() => {
             Some(Mode::JsonLines(Vec::new()))
         }
         _ if streaming => Some(Mode::Text(MaskStream::new())),
         _ if json && masking.needs_json_structure() => None,
-        _ if content_type.is_empty()
+        _ if media.is_empty()
             || json
-            || content_type.starts_with("text/")
-            || content_type.contains("xml")
-            || content_type.contains("yaml")
-            || content_type.contains("x-www-form-urlencoded") =>
+            || media.starts_with("text/")
+            || media.contains("xml")
+            // Text, so the detectors read it; reached only when no structure rule applies.
+            || media.contains("yaml")
+            || media.contains("x-www-form-urlencoded") =>
         {
             Some(Mode::Text(MaskStream::new()))
         }
-        _ => {
-            return Err(format!(
-                "the response's content type {content_type:?} cannot be masked"
-            ));
-        }
+        _ => return unmaskable(),
     })
+}
+
+/// What a response is masked with: the policy's profile, and the injected credential.
+struct Masks {
+    profile: Arc<MaskingProfile>,
+    credential: Arc<CredentialMask>,
+}
+
+/// The injected credential, as the response must not show it.
+#[derive(Debug)]
+pub struct CredentialMask {
+    /// The header it travels in upstream (masked in responses whatever it holds).
+    pub(crate) header: http::HeaderName,
+    values: LiteralMask,
+}
+
+impl CredentialMask {
+    /// Whether there is no value to mask.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Masks every copy of the credential in `input`.
+    pub fn mask<'a>(&self, input: &'a [u8], report: &mut MaskReport) -> std::borrow::Cow<'a, [u8]> {
+        self.values.mask(input, report)
+    }
+
+    /// The values, for a streamed body.
+    pub fn literals(&self) -> &LiteralMask {
+        &self.values
+    }
+}
+
+/// The mask of the credential a request to `upstream` carries (read as
+/// `upstream_request` read it: files are re-read per request, and a rotation between the
+/// two reads is masked as the new value, which is the one a response could echo next).
+fn upstream_request_credential(upstream: &Upstream) -> Result<Arc<CredentialMask>, Refusal> {
+    let (header, value) = upstream
+        .credential_header()
+        .map_err(|e| Refusal::Upstream(e.to_string()))?;
+    let values = LiteralMask::new(&headers::credential_values(&value)).map_err(|e| {
+        Refusal::Upstream(format!(
+            "the credential cannot be searched for in responses ({e}), so none is passed on"
+        ))
+    })?;
+    Ok(Arc::new(CredentialMask { header, values }))
+}
+
+/// The same request as a `create`, when it is a server-side apply: the API server
+/// creates the object when it does not exist, and authorizes that as `create` (its patch
+/// handler checks both), so the policy must allow both.
+fn apply_as_create(attrs: &RequestAttrs, headers: &HeaderMap) -> Option<RequestAttrs> {
+    let Target::Kubernetes(k) = &attrs.target else {
+        return None;
+    };
+    let apply = headers
+        .get_all(header::CONTENT_TYPE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+                .starts_with("application/apply-patch")
+        });
+    (k.verb == "patch" && apply).then(|| {
+        let mut create = attrs.clone();
+        if let Target::Kubernetes(k) = &mut create.target {
+            k.verb = "create".to_owned();
+        }
+        create
+    })
+}
+
+/// The stricter of two evaluations of one request: a denial over a hold over an allow
+/// (the first on a tie). A denial of the create half says why create was asked about.
+fn stricter(patch: Evaluation, create: Evaluation) -> Evaluation {
+    let rank = |d: &Decision| match d {
+        Decision::Allow { .. } => 0,
+        Decision::RequireApproval { .. } => 1,
+        Decision::Deny { .. } => 2,
+    };
+    if rank(&create.decision) <= rank(&patch.decision) {
+        return patch;
+    }
+    let mut create = create;
+    if let Decision::Deny { reason, .. } = &mut create.decision {
+        *reason = format!(
+            "a server-side apply creates the object when it does not exist, so it needs create as well as patch, and create is not allowed: {reason}"
+        );
+    }
+    create
 }
 
 #[cfg(test)]
@@ -954,6 +1140,104 @@ mod tests {
         assert_eq!(
             bearer_token(&h, Protocol::Kubernetes).as_deref(),
             Some("user-jwt")
+        );
+    }
+
+    #[test]
+    fn bodies_are_masked_as_what_they_are_or_refused() {
+        use agentgate_crds::{DetectorSet, Masking};
+        let profile = |sets: Vec<DetectorSet>| {
+            MaskingProfile::compile(
+                &Masking {
+                    detectors: sets,
+                    ..Default::default()
+                },
+                b"k",
+            )
+            .unwrap()
+        };
+        let structured = profile(vec![DetectorSet::Secrets]);
+        let text_only = profile(vec![DetectorSet::Pii]);
+        let ct = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_str(v).unwrap());
+            h
+        };
+        let mode = |p: &MaskingProfile, v: &str, watch: bool, proto: Protocol| {
+            body_mode(p, &ct(v), watch, proto).map(|m| match m {
+                None => "document",
+                Some(Mode::Pass) => "pass",
+                Some(Mode::Text(_)) => "text",
+                Some(Mode::JsonLines(_)) => "json-lines",
+            })
+        };
+        use Protocol::{Http, Kubernetes};
+        assert_eq!(
+            mode(&structured, "application/json", false, Kubernetes),
+            Ok("document")
+        );
+        assert_eq!(
+            mode(&structured, "application/json", true, Kubernetes),
+            Ok("json-lines")
+        );
+        assert_eq!(
+            mode(
+                &structured,
+                "application/json;stream=watch",
+                false,
+                Kubernetes
+            ),
+            Ok("json-lines"),
+            "a stream the classifier did not see is still masked event by event"
+        );
+        for refused in [
+            "application/yaml",
+            "application/vnd.kubernetes.protobuf",
+            "application/cbor",
+            "application/vnd.kubernetes.protobuf;stream=watch",
+        ] {
+            assert!(
+                mode(&structured, refused, false, Kubernetes).is_err(),
+                "{refused}"
+            );
+            assert!(
+                mode(&structured, refused, false, Http).is_err(),
+                "{refused}"
+            );
+            assert!(
+                mode(&text_only, refused, false, Kubernetes).is_err(),
+                "{refused}"
+            );
+        }
+        assert!(
+            mode(&structured, "text/plain", true, Kubernetes).is_err(),
+            "a watch is JSON"
+        );
+        assert_eq!(
+            mode(&text_only, "application/yaml", false, Http),
+            Ok("text")
+        );
+        assert_eq!(
+            mode(&structured, "text/plain", false, Kubernetes),
+            Ok("text")
+        );
+        assert_eq!(
+            mode(&structured, "text/event-stream", false, Kubernetes),
+            Ok("text")
+        );
+        assert_eq!(
+            mode(&structured, "application/xml", false, Http),
+            Ok("text")
+        );
+        assert!(mode(&structured, "application/octet-stream", false, Http).is_err());
+        assert_eq!(
+            mode(
+                &MaskingProfile::none(),
+                "application/octet-stream",
+                false,
+                Http
+            ),
+            Ok("pass")
         );
     }
 

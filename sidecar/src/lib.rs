@@ -13,6 +13,7 @@ pub mod body;
 pub mod config;
 pub(crate) mod dry_run;
 pub mod gateway;
+mod headers;
 pub mod identity;
 pub mod metrics;
 pub mod postgres;

@@ -36,6 +36,8 @@ pub enum Refusal {
     Identity(IdentityError),
     /// The request could not be classified with certainty.
     Unclassifiable(ClassifyError),
+    /// The request's head (its headers) is larger than the sidecar handles.
+    HeadTooLarge(String),
     /// The audit sink failed, so nothing may happen.
     AuditUnavailable,
     /// The upstream cannot be used (credential missing, TLS, unreachable).
@@ -51,6 +53,7 @@ impl Refusal {
             Refusal::Denied { .. } | Refusal::NotApproved { .. } => StatusCode::FORBIDDEN,
             Refusal::Identity(_) => StatusCode::UNAUTHORIZED,
             Refusal::Unclassifiable(_) => StatusCode::BAD_REQUEST,
+            Refusal::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Upstream(_) | Refusal::Response(_) => StatusCode::BAD_GATEWAY,
         }
@@ -62,7 +65,8 @@ impl Refusal {
             Refusal::Denied { .. }
             | Refusal::NotApproved { .. }
             | Refusal::Identity(_)
-            | Refusal::Unclassifiable(_) => "deny",
+            | Refusal::Unclassifiable(_)
+            | Refusal::HeadTooLarge(_) => "deny",
             Refusal::AuditUnavailable | Refusal::Upstream(_) | Refusal::Response(_) => "error",
         }
     }
@@ -84,7 +88,7 @@ impl Refusal {
             Refusal::AuditUnavailable => {
                 "the audit trail cannot be written, so no request is allowed".into()
             }
-            Refusal::Upstream(e) | Refusal::Response(e) => e.clone(),
+            Refusal::Upstream(e) | Refusal::Response(e) | Refusal::HeadTooLarge(e) => e.clone(),
         }
     }
 
@@ -99,8 +103,9 @@ impl Refusal {
                 "Send the launching user's token as `Proxy-Authorization: Bearer <token>` (or `Authorization` on a kubernetes connection); get a fresh token if it expired."
             }
             Refusal::Unclassifiable(_) => {
-                "Send the request with a canonical path (no `..`, `//` or encoded slashes)."
+                "Send the request with a canonical path (no `..`, `//` or encoded slashes) and each query parameter once, plainly encoded."
             }
+            Refusal::HeadTooLarge(_) => "Send fewer or smaller headers.",
             Refusal::AuditUnavailable => {
                 "Retry later; tell a human that agentgate's audit sink is failing."
             }
@@ -126,7 +131,7 @@ pub fn refusal_response(protocol: Protocol, connection: &str, refusal: &Refusal)
             "reason": match status {
                 StatusCode::UNAUTHORIZED => "Unauthorized",
                 StatusCode::FORBIDDEN => "Forbidden",
-                StatusCode::BAD_REQUEST => "BadRequest",
+                StatusCode::BAD_REQUEST | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "BadRequest",
                 StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
                 _ => "InternalError",
             },

@@ -25,4 +25,13 @@ pub enum ClassifyError {
     /// A Kubernetes path with a special verb but nothing after it.
     #[error("kubernetes request path {0:?} is incomplete")]
     IncompleteKubernetesPath(String),
+    /// A Kubernetes query string the API server could read differently from the
+    /// classifier (repeated parameters that change the request, pairs it would drop).
+    #[error("kubernetes request query {query:?} is ambiguous: {why}")]
+    AmbiguousQuery {
+        /// The raw query.
+        query: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
 }

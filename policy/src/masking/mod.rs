@@ -13,6 +13,7 @@
 
 mod detectors;
 mod json;
+mod literal;
 mod stream;
 
 use std::borrow::Cow;
@@ -27,6 +28,7 @@ use sha2::Sha256;
 use crate::glob::{Glob, GlobKind, any_match};
 use detectors::{Detector, builtin};
 pub use detectors::{MAX_MATCH_LEN, is_credential_key, luhn_valid};
+pub use literal::{CREDENTIAL_ECHO, LiteralMask, LiteralStream};
 pub use stream::MaskStream;
 
 /// A masking profile compiled from a policy's `masking` section.

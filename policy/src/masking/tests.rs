@@ -285,7 +285,72 @@ fn json_paths_credential_keys_and_kubernetes_secrets() {
     let mut secret =
         json!({ "kind": "Secret", "apiVersion": "v1", "data": { "tls.key": "LS0tLS1CRUdJTg==" } });
     p.mask_json(&mut secret, &mut MaskReport::default());
-    assert_eq!(secret["data"]["tls.key"], "[masked:kubernetes-secret]");
+    // The base64 of the mask text: still a valid Secret for `kubectl describe`.
+    assert_eq!(
+        secret["data"]["tls.key"],
+        "W21hc2tlZDprdWJlcm5ldGVzLXNlY3JldF0="
+    );
+}
+
+#[test]
+fn secret_data_stays_base64_and_no_copy_of_it_leaks() {
+    let p = MaskingProfile::compile(
+        &Masking {
+            detectors: vec![DetectorSet::Secrets, DetectorSet::Credentials],
+            ..Default::default()
+        },
+        b"k",
+    )
+    .expect("compiles");
+    let last_applied = json!({ "apiVersion": "v1", "kind": "Secret",
+        "metadata": { "name": "db" }, "data": { "password": "aHVudGVyMg==" },
+        "stringData": { "token": "plain-hunter2" } })
+    .to_string();
+    let mut secret = json!({ "kind": "Secret", "apiVersion": "v1",
+        "metadata": { "name": "db", "annotations": {
+            "kubectl.kubernetes.io/last-applied-configuration": last_applied.clone() } },
+        "data": { "password": "aHVudGVyMg==", "username": "YWRtaW4=" } });
+    let mut report = MaskReport::default();
+    p.mask_json(&mut secret, &mut report);
+    assert_eq!(
+        secret["data"]["password"], "W21hc2tlZDprdWJlcm5ldGVzLXNlY3JldF0=",
+        "a credential-named key in data is still base64 of the mask"
+    );
+    let copy: serde_json::Value = serde_json::from_str(
+        secret["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
+            .as_str()
+            .unwrap(),
+    )
+    .expect("the annotation is still JSON");
+    assert_eq!(copy["metadata"]["name"], "db");
+    let text = secret.to_string();
+    for leaked in ["aHVudGVyMg==", "YWRtaW4=", "plain-hunter2"] {
+        assert!(!text.contains(leaked), "{leaked} leaked: {text}");
+    }
+    assert_eq!(report.counts().get("kubernetes-secret"), Some(&4));
+
+    // A Table row (kubectl get secret) carries the metadata without `kind: Secret`.
+    let mut table = json!({ "kind": "Table", "apiVersion": "meta.k8s.io/v1",
+        "rows": [{ "cells": ["db", "Opaque", 2], "object": { "kind": "PartialObjectMetadata",
+            "metadata": { "name": "db", "annotations": {
+                "kubectl.kubernetes.io/last-applied-configuration": last_applied } } } }] });
+    p.mask_json(&mut table, &mut MaskReport::default());
+    assert!(!table.to_string().contains("aHVudGVyMg=="), "{table}");
+    assert!(!table.to_string().contains("plain-hunter2"), "{table}");
+
+    // A ConfigMap's copy is left as it is; one that is not JSON is replaced.
+    let cm_copy = json!({ "kind": "ConfigMap", "data": { "region": "westeurope" } }).to_string();
+    let mut cm = json!({ "kind": "ConfigMap", "metadata": { "annotations": {
+        "kubectl.kubernetes.io/last-applied-configuration": cm_copy.clone() } } });
+    p.mask_json(&mut cm, &mut MaskReport::default());
+    assert_eq!(
+        cm["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"],
+        cm_copy.as_str()
+    );
+    let mut odd = json!({ "kind": "PartialObjectMetadata", "metadata": { "annotations": {
+        "kubectl.kubernetes.io/last-applied-configuration": "data: {password: aHVudGVyMg==}" } } });
+    p.mask_json(&mut odd, &mut MaskReport::default());
+    assert!(!odd.to_string().contains("aHVudGVyMg=="), "{odd}");
 }
 
 fn secret_strategy() -> impl Strategy<Value = String> {

@@ -324,3 +324,66 @@ pub async fn plain_request(
         .to_bytes();
     Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
 }
+
+/// Sends `req` over HTTPS/1.1 to 127.0.0.1:`port`, trusting `ca_pem`: the direct path to
+/// an upstream, for the controls of the attack tests. The request target is sent as
+/// given (no re-encoding), so it reaches the server exactly as the agent would send it.
+pub async fn https_request(
+    port: u16,
+    ca_pem: &str,
+    req: Request<TestBody>,
+) -> Result<(u16, http::HeaderMap, Vec<u8>), String> {
+    let response = https_response(port, ca_pem, req).await?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, headers, body.to_vec()))
+}
+
+/// Like [`https_request`], returning the response as soon as its head arrives (a watch
+/// never ends by itself).
+pub async fn https_response(
+    port: u16,
+    ca_pem: &str,
+    req: Request<TestBody>,
+) -> Result<Response<Incoming>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").map_err(|e| e.to_string())?;
+    let tls = connector
+        .connect(name.to_owned(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut req = req;
+    if !req.headers().contains_key(http::header::HOST) {
+        req.headers_mut().insert(
+            http::header::HOST,
+            http::HeaderValue::from_str(&format!("127.0.0.1:{port}")).unwrap(),
+        );
+    }
+    sender.send_request(req).await.map_err(|e| e.to_string())
+}

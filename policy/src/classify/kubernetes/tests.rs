@@ -269,3 +269,150 @@ fn malformed_paths_are_errors() {
     assert!(classify_kubernetes("GET", "/api/v1/namespaces/prod/pods/../secrets", "").is_err());
     assert!(classify_kubernetes("GET", "/api/v1/namespaces/prod/secrets%2Fx", "").is_err());
 }
+
+/// The verb and name the API server's request-info would give a list request.
+fn list(query: &str) -> Result<(String, String), ClassifyError> {
+    classify_kubernetes("GET", "/api/v1/namespaces/prod/configmaps", query)
+        .map(|r| (r.verb, r.name))
+}
+
+#[test]
+fn watch_is_any_value_but_0_or_false_as_the_api_server_reads_it() {
+    for query in [
+        "watch",
+        "watch=",
+        "watch=true",
+        "watch=1",
+        "watch=yes",
+        "watch=no",
+        "watch=f",
+        "watch=+",
+        "watch=%66alse%21",
+        "%77atch=true",
+        "w%61tch=0x",
+        "watch=true&watchx=false",
+        "limit=1&watch",
+    ] {
+        assert_eq!(list(query).unwrap().0, "watch", "{query}");
+    }
+    for query in [
+        "",
+        "watch=0",
+        "watch=false",
+        "watch=FALSE",
+        "watch=fAlSe",
+        "%77atch=%30",
+        "watch=fa%6Cse",
+        "Watch=true",
+        "watchx=true",
+        "x=watch",
+    ] {
+        assert_eq!(list(query).unwrap().0, "list", "{query}");
+    }
+}
+
+#[test]
+fn queries_the_api_server_could_read_differently_are_refused() {
+    for query in [
+        "watch=true&watch=false",
+        "watch=false&watch=true",
+        "watch=false&%77atch=true",
+        "fieldSelector=metadata.name%3Da&fieldSelector=metadata.name%3Db",
+        "labelSelector=a&labelSelector=b",
+        "watch=false;watch=true",
+        "a=b;c",
+        "watch=tr%ue",
+        "watch=%",
+        "watch=%+1",
+        "fieldSelector=%ff",
+        "dryRun=All&dryRun=None",
+        "fieldManager=a&fieldManager=b",
+    ] {
+        assert!(
+            matches!(list(query), Err(ClassifyError::AmbiguousQuery { .. })),
+            "{query} should be refused, got {:?}",
+            list(query)
+        );
+    }
+    // Repetition that means nothing different (exec's command arguments) is fine.
+    let exec = classify_kubernetes(
+        "POST",
+        "/api/v1/namespaces/prod/pods/web-0/exec",
+        "command=sh&command=-c&command=id&stdin=true",
+    )
+    .unwrap();
+    assert_eq!(exec.verb, "create");
+    // A proxied request's query belongs to the pod.
+    let proxied = classify_kubernetes(
+        "GET",
+        "/api/v1/namespaces/prod/pods/web-0/proxy/metrics",
+        "limit=1&limit=2;x=%zz",
+    )
+    .unwrap();
+    assert_eq!(proxied.subresource, "proxy");
+    // A repeated write parameter on a write is refused as on a list.
+    assert!(
+        classify_kubernetes(
+            "POST",
+            "/api/v1/namespaces/prod/configmaps",
+            "dryRun=All&dryRun=All"
+        )
+        .is_err()
+    );
+}
+
+#[test]
+fn only_a_single_plain_name_selector_names_the_object() {
+    let named = |q: &str| list(q).unwrap().1;
+    assert_eq!(named("fieldSelector=metadata.name%3Dweb-0"), "web-0");
+    assert_eq!(named("fieldSelector=metadata.name%3D%3Dweb-0"), "web-0");
+    assert_eq!(named("%66ieldSelector=metadata.name%3Dweb-0"), "web-0");
+    assert_eq!(named("fieldSelector=metadata.name=web-0"), "web-0");
+    for selector in [
+        "metadata.name%3Dweb-0%2Cstatus.phase%3DRunning",
+        "metadata.name%3Dweb-0%2C",
+        "metadata.name%21%3Dweb-0",
+        "metadata.name+%3D+web-0",
+        "metadata.name%3D+web-0",
+        "metadata.name%3Dweb%5C-0",
+        "metadata.name%3Da%3Db",
+        "metadata.name%3D",
+        "metadata.name%3D..",
+        "metadata.namespace%3Dprod",
+        "spec.metadata.name%3Dweb-0",
+    ] {
+        assert_eq!(
+            named(&format!("fieldSelector={selector}")),
+            "",
+            "{selector}"
+        );
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+
+    /// Any query over the characters that matter: no panic, and whenever it classifies,
+    /// the verb is the one Go's decoding and metav1's conversion give.
+    #[test]
+    fn any_query_classifies_as_the_api_server_reads_it_or_is_refused(
+        query in "[a-z%0-9&=;+.,\\\\!FALSEW]{0,40}"
+    ) {
+        if let Ok((verb, _)) = list(&query) {
+            let pairs: Vec<(String, String)> = query
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    let dec = |s: &str| String::from_utf8(query_unescape(s).unwrap()).unwrap();
+                    (dec(k), dec(v))
+                })
+                .collect();
+            let watch = pairs
+                .iter()
+                .find(|(k, _)| k == "watch")
+                .is_some_and(|(_, v)| v != "0" && v.to_lowercase() != "false");
+            proptest::prop_assert_eq!(verb, if watch { "watch" } else { "list" });
+        }
+    }
+}
