@@ -572,19 +572,7 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
 
     // 6. The sidecar dies while a request is held: the agent's connection ends (nothing
     // hangs), and the restarted sidecar marks the orphaned Approval Expired.
-    let known: Vec<String> = cp
-        .kubectl_output(&[
-            "get",
-            "approvals",
-            "-n",
-            &ns,
-            "-o",
-            "jsonpath={.items[*].metadata.name}",
-        ])
-        .unwrap()
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect();
+    let known = known_now(cp);
     let orphaned = run("DELETE FROM orders WHERE id = 3");
     let held = pending(&known).await;
     drop(sidecar);

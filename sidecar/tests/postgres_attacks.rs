@@ -548,8 +548,7 @@ impl Raw {
         assert_eq!(auth.tag, b'R');
         let mut password = token.as_bytes().to_vec();
         password.push(0);
-        raw.send(&[Frame::new(b'p', password)]).await;
-        raw.until_ready().await;
+        raw.ask(&[Frame::new(b'p', password)]).await;
         raw
     }
 
@@ -575,6 +574,12 @@ impl Raw {
             .unwrap();
             assert!(read > 0, "the gateway closed the connection");
         }
+    }
+
+    /// Sends `frames` and returns the answer up to and including `ReadyForQuery`.
+    async fn ask(&mut self, frames: &[Frame]) -> Vec<Frame> {
+        self.send(frames).await;
+        self.until_ready().await
     }
 
     /// Frames up to and including `ReadyForQuery`.
@@ -663,14 +668,16 @@ async fn extended_protocol_is_decided_on_what_the_server_holds() {
     // A named statement re-parsed while it exists: the server refuses the Parse and
     // keeps the DELETE; the gate decides the Execute on the DELETE, not on the SELECT.
     let mut raw = Raw::connect(s.rw, &s.token()).await;
-    raw.send(&[parse("s1", "DELETE FROM orders WHERE id = 7"), sync()])
-        .await;
-    assert!(errors(&raw.until_ready().await).is_empty());
-    raw.send(&[parse("s1", "SELECT 1"), sync()]).await;
-    let e = errors(&raw.until_ready().await);
+    assert!(
+        errors(
+            &raw.ask(&[parse("s1", "DELETE FROM orders WHERE id = 7"), sync()])
+                .await
+        )
+        .is_empty()
+    );
+    let e = errors(&raw.ask(&[parse("s1", "SELECT 1"), sync()]).await);
     assert!(e.iter().any(|m| m.contains("42P05")), "{e:?}");
-    raw.send(&[bind("", "s1"), execute(""), sync()]).await;
-    let e = errors(&raw.until_ready().await);
+    let e = errors(&raw.ask(&[bind("", "s1"), execute(""), sync()]).await);
     assert!(
         e.iter()
             .any(|m| m.contains("42501") && m.contains("deletes")),
@@ -680,21 +687,24 @@ async fn extended_protocol_is_decided_on_what_the_server_holds() {
 
     // A portal bound to the unnamed statement keeps it after the unnamed statement is
     // replaced.
-    raw.send(&[query("BEGIN")]).await;
-    raw.until_ready().await;
-    raw.send(&[
-        parse("", "DELETE FROM orders WHERE id = 8"),
-        bind("p1", ""),
-        sync(),
-    ])
-    .await;
-    assert!(errors(&raw.until_ready().await).is_empty());
-    raw.send(&[parse("", "SELECT 1"), execute("p1"), sync()])
-        .await;
-    let e = errors(&raw.until_ready().await);
+    raw.ask(&[query("BEGIN")]).await;
+    assert!(
+        errors(
+            &raw.ask(&[
+                parse("", "DELETE FROM orders WHERE id = 8"),
+                bind("p1", ""),
+                sync(),
+            ])
+            .await
+        )
+        .is_empty()
+    );
+    let e = errors(
+        &raw.ask(&[parse("", "SELECT 1"), execute("p1"), sync()])
+            .await,
+    );
     assert!(e.iter().any(|m| m.contains("deletes")), "{e:?}");
-    raw.send(&[query("ROLLBACK")]).await;
-    raw.until_ready().await;
+    raw.ask(&[query("ROLLBACK")]).await;
     assert!(s.intact(8), "the portal's DELETE ran");
     // The audit trail names what was decided: the DELETE, refused.
     let audit = s.sidecar.audit();
@@ -718,17 +728,17 @@ async fn nothing_runs_unseen_after_a_cut_off() {
     // Extended protocol: a result the row limit cuts off holds back the rest of its
     // batch, which then never reaches the server.
     let mut raw = Raw::connect(s.rw, &s.token()).await;
-    raw.send(&[
-        parse("", "SELECT g FROM generate_series(1, 1000) g"),
-        bind("", ""),
-        execute(""),
-        parse("", "INSERT INTO orders VALUES (555, 1, 'after the cut')"),
-        bind("", ""),
-        execute(""),
-        sync(),
-    ])
-    .await;
-    let frames = raw.until_ready().await;
+    let frames = raw
+        .ask(&[
+            parse("", "SELECT g FROM generate_series(1, 1000) g"),
+            bind("", ""),
+            execute(""),
+            parse("", "INSERT INTO orders VALUES (555, 1, 'after the cut')"),
+            bind("", ""),
+            execute(""),
+            sync(),
+        ])
+        .await;
     let e = errors(&frames);
     assert!(e.len() == 1 && e[0].contains("maxRowsPerQuery"), "{e:?}");
     assert!(
@@ -740,9 +750,13 @@ async fn nothing_runs_unseen_after_a_cut_off() {
         "0"
     );
     // The session goes on.
-    raw.send(&[query("SELECT count(*) FROM orders WHERE id < 5")])
-        .await;
-    assert!(errors(&raw.until_ready().await).is_empty());
+    assert!(
+        errors(
+            &raw.ask(&[query("SELECT count(*) FROM orders WHERE id < 5")])
+                .await
+        )
+        .is_empty()
+    );
 
     // A simple query string runs whole at the server: what ran after the cut-off is
     // reported to the agent, recorded, and charged to the write limit.
@@ -824,88 +838,68 @@ async fn a_name_is_decided_as_everything_it_may_be_at_the_server() {
     let mut seen = String::new();
     let mut raw = Raw::connect(s.rw, &s.token()).await;
     // Control: SQL FETCH runs a protocol portal — with a SELECT it returns its rows.
-    raw.send(&[query("BEGIN")]).await;
-    raw.until_ready().await;
-    raw.send(&[
+    raw.ask(&[query("BEGIN")]).await;
+    raw.ask(&[
         parse("", "SELECT id FROM orders WHERE id = 12"),
         bind("c", ""),
         sync(),
     ])
     .await;
-    raw.until_ready().await;
-    raw.send(&[query("FETCH ALL FROM c")]).await;
-    let out = shown(&raw.until_ready().await);
+    let out = shown(&raw.ask(&[query("FETCH ALL FROM c")]).await);
     assert!(out.contains("12"), "control: {out}");
-    raw.send(&[query("ROLLBACK")]).await;
-    raw.until_ready().await;
+    raw.ask(&[query("ROLLBACK")]).await;
     // A portal bound to a held DELETE, run by FETCH: decided as the DELETE. (A DECLARE
     // the server refused, outside a transaction, registers nothing.)
-    raw.send(&[query("DECLARE c CURSOR FOR SELECT 1")]).await;
-    raw.until_ready().await;
-    raw.send(&[query("BEGIN")]).await;
-    raw.until_ready().await;
-    raw.send(&[
+    raw.ask(&[query("DECLARE c CURSOR FOR SELECT 1")]).await;
+    raw.ask(&[query("BEGIN")]).await;
+    raw.ask(&[
         parse("", "DELETE FROM orders WHERE id = 13 RETURNING id, note"),
         bind("c", ""),
         sync(),
     ])
     .await;
-    raw.until_ready().await;
-    raw.send(&[query("FETCH ALL FROM c")]).await;
-    let out = shown(&raw.until_ready().await);
+    let out = shown(&raw.ask(&[query("FETCH ALL FROM c")]).await);
     assert!(out.contains("deletes"), "{out}");
-    raw.send(&[query("COMMIT")]).await;
-    raw.until_ready().await;
+    raw.ask(&[query("COMMIT")]).await;
     assert!(s.intact(13), "the held DELETE ran through FETCH");
 
     // A portal the server dropped at Sync (autocommit), replaced by a SQL cursor of
     // the same name over masked columns: the gate no longer knows the name.
     let mut raw = Raw::connect(s.ro, &s.token()).await;
-    raw.send(&[
+    raw.ask(&[
         parse("s1", "SELECT 1::int4 AS a, 2::int4 AS b, 3::int4 AS c"),
         bind("p1", "s1"),
         sync(),
     ])
     .await;
-    raw.until_ready().await;
-    raw.send(&[query("BEGIN")]).await;
-    raw.until_ready().await;
-    raw.send(&[query(
+    raw.ask(&[query("BEGIN")]).await;
+    raw.ask(&[query(
         "DECLARE p1 CURSOR FOR SELECT email, ssn, api_key FROM customers",
     )])
     .await;
-    raw.until_ready().await;
-    raw.send(&[execute("p1"), sync()]).await;
-    seen += &shown(&raw.until_ready().await);
-    raw.send(&[query("ROLLBACK")]).await;
-    raw.until_ready().await;
+    seen += &shown(&raw.ask(&[execute("p1"), sync()]).await);
+    raw.ask(&[query("ROLLBACK")]).await;
     // A statement DEALLOCATEd and PREPAREd again at SQL level under its name.
-    raw.send(&[parse("s2", "SELECT 1::int4 AS a, 2::int4 AS b"), sync()])
+    raw.ask(&[parse("s2", "SELECT 1::int4 AS a, 2::int4 AS b"), sync()])
         .await;
-    raw.until_ready().await;
-    raw.send(&[query(
+    raw.ask(&[query(
         "DEALLOCATE s2; PREPARE s2 AS SELECT api_key, name FROM customers",
     )])
     .await;
-    raw.until_ready().await;
-    raw.send(&[bind("", "s2"), execute(""), sync()]).await;
-    seen += &shown(&raw.until_ready().await);
+    seen += &shown(&raw.ask(&[bind("", "s2"), execute(""), sync()]).await);
     // A prepared FETCH (its columns change with the cursor) is refused.
-    raw.send(&[parse("f", "FETCH ALL FROM c"), sync()]).await;
-    let out = shown(&raw.until_ready().await);
+    let out = shown(&raw.ask(&[parse("f", "FETCH ALL FROM c"), sync()]).await);
     assert!(out.contains("FETCH and MOVE are not taken"), "{out}");
     // The hang: a Query inside a batch the server failed is ignored by the server; the
     // gate still answers the next batch at once.
-    raw.send(&[
+    raw.ask(&[
         parse("bad", "SELECT * FROM no_such_table"),
         query("SELECT 1"),
         parse("s3", "SELECT 2"),
         sync(),
     ])
     .await;
-    raw.until_ready().await;
-    raw.send(&[bind("", "s3"), execute(""), sync()]).await;
-    let out = shown(&raw.until_ready().await);
+    let out = shown(&raw.ask(&[bind("", "s3"), execute(""), sync()]).await);
     assert!(
         out.contains("26000") || out.contains("does not exist"),
         "{out}"
@@ -1102,59 +1096,46 @@ async fn names_the_server_dropped_mid_transaction_are_gone_for_the_gate_too() {
     let mut raw = Raw::connect(s.ro, &s.token()).await;
     // A portal bound in a transaction, dropped by COMMIT, and a SQL cursor of its name
     // declared in the next transaction of the same query string.
-    raw.send(&[query("BEGIN")]).await;
-    raw.until_ready().await;
-    raw.send(&[
+    raw.ask(&[query("BEGIN")]).await;
+    raw.ask(&[
         parse("s1", "SELECT 1::int4 AS a, 2::int4 AS b, 3::int4 AS c"),
         bind("p1", "s1"),
         sync(),
     ])
     .await;
-    raw.until_ready().await;
-    raw.send(&[query(
+    raw.ask(&[query(
         "COMMIT; BEGIN; DECLARE p1 CURSOR FOR SELECT email, ssn, api_key FROM customers",
     )])
     .await;
-    raw.until_ready().await;
-    raw.send(&[execute("p1"), sync()]).await;
-    let out = shown(&raw.until_ready().await);
+    let out = shown(&raw.ask(&[execute("p1"), sync()]).await);
     seen += &out;
     assert!(out.contains("does not exist"), "{out}");
-    raw.send(&[query("ROLLBACK")]).await;
-    raw.until_ready().await;
+    raw.ask(&[query("ROLLBACK")]).await;
     // DEALLOCATE ALL in a batch, then a Bind of a statement parsed earlier in it: the
     // gate answers at once, as the server does, instead of waiting for itself.
-    raw.send(&[
-        parse("s9", "SELECT 1"),
-        parse("d", "DEALLOCATE ALL"),
-        bind("", "d"),
-        execute(""),
-        bind("", "s9"),
-        execute(""),
-        sync(),
-    ])
-    .await;
-    let out = shown(&raw.until_ready().await);
+    let out = shown(
+        &raw.ask(&[
+            parse("s9", "SELECT 1"),
+            parse("d", "DEALLOCATE ALL"),
+            bind("", "d"),
+            execute(""),
+            bind("", "s9"),
+            execute(""),
+            sync(),
+        ])
+        .await,
+    );
     assert!(out.contains("does not exist"), "{out}");
     s.assert_nothing_leaked(&seen);
 
     // A FETCH of a portal bound to an INSERT writes rows the server does not count: it
     // is refused under a session write limit.
     let mut raw = Raw::connect(s.rw, &s.token()).await;
-    raw.send(&[query("BEGIN")]).await;
-    raw.until_ready().await;
-    raw.send(&[
-        parse("", "INSERT INTO orders SELECT n, 0, 'via fetch' FROM generate_series(3000, 3999) AS t(n) RETURNING id"),
-        bind("c0", ""),
-        sync(),
-    ])
-    .await;
-    raw.until_ready().await;
-    raw.send(&[query("FETCH 1 FROM c0")]).await;
-    let out = shown(&raw.until_ready().await);
+    raw.ask(&[query("BEGIN")]).await;
+    raw.ask(&[ parse("", "INSERT INTO orders SELECT n, 0, 'via fetch' FROM generate_series(3000, 3999) AS t(n) RETURNING id"), bind("c0", ""), sync(), ]).await;
+    let out = shown(&raw.ask(&[query("FETCH 1 FROM c0")]).await);
     assert!(out.contains("maxRowsModifiedPerSession"), "{out}");
-    raw.send(&[query("COMMIT")]).await;
-    raw.until_ready().await;
+    raw.ask(&[query("COMMIT")]).await;
     assert_eq!(
         s.direct_ok("SELECT count(*) FROM orders WHERE id >= 3000"),
         "0"

@@ -120,18 +120,11 @@ pub(crate) fn mask_row(
             continue;
         }
         let masked = match column.coding {
-            Coding::Text => match profile.mask_bytes(value, report) {
-                std::borrow::Cow::Owned(m) => Some(m),
-                std::borrow::Cow::Borrowed(_) => None,
-            },
+            Coding::Text => detected(profile, value, report),
             Coding::HexBytea => mask_hex_bytea(value, profile, report),
-            Coding::JsonbBinary => match value.split_first() {
-                Some((version, json)) => match profile.mask_bytes(json, report) {
-                    std::borrow::Cow::Owned(m) => Some([&[*version][..], &m].concat()),
-                    std::borrow::Cow::Borrowed(_) => None,
-                },
-                None => None,
-            },
+            Coding::JsonbBinary => value.split_first().and_then(|(version, json)| {
+                detected(profile, json, report).map(|m| [&[*version][..], &m].concat())
+            }),
             Coding::Scalar | Coding::Opaque => None,
         };
         if let Some(m) = masked {
@@ -161,13 +154,15 @@ fn mask_hex_bytea(
         .strip_prefix(b"\\x")
         .and_then(|hex_digits| hex::decode(hex_digits).ok());
     let Some(decoded) = decoded else {
-        return match profile.mask_bytes(value, report) {
-            std::borrow::Cow::Owned(m) => Some(m),
-            std::borrow::Cow::Borrowed(_) => None,
-        };
+        return detected(profile, value, report);
     };
-    match profile.mask_bytes(&decoded, report) {
-        std::borrow::Cow::Owned(m) => Some(format!("\\x{}", hex::encode(m)).into_bytes()),
+    detected(profile, &decoded, report).map(|m| format!("\\x{}", hex::encode(m)).into_bytes())
+}
+
+/// `bytes` with what the detectors found replaced, or `None` when they found nothing.
+fn detected(profile: &MaskingProfile, bytes: &[u8], report: &mut MaskReport) -> Option<Vec<u8>> {
+    match profile.mask_bytes(bytes, report) {
+        std::borrow::Cow::Owned(m) => Some(m),
         std::borrow::Cow::Borrowed(_) => None,
     }
 }
