@@ -168,11 +168,12 @@ async fn setup() -> Setup {
     });
     let sidecar = Sidecar::start(&bundle, "app=\"agent\"\n", |dir| {
         pki.write_ca(&dir.join("credentials/upstream-ca/ca.crt"));
-        std::fs::create_dir_all(dir.join("credentials/api-token")).unwrap();
-        std::fs::write(dir.join("credentials/api-token/token"), TOKEN).unwrap();
-        std::fs::create_dir_all(dir.join("credentials/api-key")).unwrap();
-        std::fs::write(dir.join("credentials/api-key/header"), "x-api-key").unwrap();
-        std::fs::write(dir.join("credentials/api-key/value"), API_KEY).unwrap();
+        write_secret(dir, "api-token", &[("token", TOKEN)]);
+        write_secret(
+            dir,
+            "api-key",
+            &[("header", "x-api-key"), ("value", API_KEY)],
+        );
     })
     .await;
     Setup {

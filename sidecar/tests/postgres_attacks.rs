@@ -110,10 +110,11 @@ async fn setup_with(masking: Value) -> Setup {
         "app=\"agent\"\n",
         |dir| {
             pki.write_ca(&dir.join("extra-ca.pem"));
-            let creds = dir.join("credentials/db-creds");
-            std::fs::create_dir_all(&creds).unwrap();
-            std::fs::write(creds.join("username"), "app").unwrap();
-            std::fs::write(creds.join("password"), APP_PASSWORD).unwrap();
+            write_secret(
+                dir,
+                "db-creds",
+                &[("username", "app"), ("password", APP_PASSWORD)],
+            );
         },
     )
     .await;
@@ -1046,10 +1047,11 @@ async fn a_database_that_never_answers_gets_a_clear_error_not_a_hang() {
     ]);
     let sidecar = Sidecar::start(&bundle, "app=\"agent\"\n", |dir| {
         pki.write_ca(&dir.join("extra-ca.pem"));
-        let creds = dir.join("credentials/db-creds");
-        std::fs::create_dir_all(&creds).unwrap();
-        std::fs::write(creds.join("username"), "app").unwrap();
-        std::fs::write(creds.join("password"), APP_PASSWORD).unwrap();
+        write_secret(
+            dir,
+            "db-creds",
+            &[("username", "app"), ("password", APP_PASSWORD)],
+        );
     })
     .await;
     let token = issuer.token(&["developers"], json!({}));

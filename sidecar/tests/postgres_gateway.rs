@@ -147,10 +147,11 @@ async fn setup() -> Setup {
         "app=\"agent\"\n",
         |dir| {
             pki.write_ca(&dir.join("extra-ca.pem"));
-            let creds = dir.join("credentials/orders-db-creds");
-            std::fs::create_dir_all(&creds).unwrap();
-            std::fs::write(creds.join("username"), "app").unwrap();
-            std::fs::write(creds.join("password"), APP_PASSWORD).unwrap();
+            write_secret(
+                dir,
+                "orders-db-creds",
+                &[("username", "app"), ("password", APP_PASSWORD)],
+            );
         },
     )
     .await;
@@ -556,10 +557,11 @@ async fn the_upstream_leg_uses_tls_as_the_connection_says() {
         pki.write_ca(&dir.join("extra-ca.pem"));
         db_pki.write_ca(&dir.join("credentials/db-ca/ca.crt"));
         Pki::new().write_ca(&dir.join("credentials/other-ca/ca.crt"));
-        let creds = dir.join("credentials/orders-db-creds");
-        std::fs::create_dir_all(&creds).unwrap();
-        std::fs::write(creds.join("username"), "app").unwrap();
-        std::fs::write(creds.join("password"), APP_PASSWORD).unwrap();
+        write_secret(
+            dir,
+            "orders-db-creds",
+            &[("username", "app"), ("password", APP_PASSWORD)],
+        );
     })
     .await;
     let s = Setup {

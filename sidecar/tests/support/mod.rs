@@ -67,6 +67,15 @@ impl Pki {
     }
 }
 
+/// Writes a mounted Secret as the sidecar reads it: `dir/credentials/<name>/<key>`.
+pub fn write_secret(dir: &Path, name: &str, files: &[(&str, &str)]) {
+    let secret = dir.join("credentials").join(name);
+    std::fs::create_dir_all(&secret).unwrap();
+    for (key, value) in files {
+        std::fs::write(secret.join(key), value).unwrap();
+    }
+}
+
 /// Serves `handler` over HTTPS on a free loopback port; returns the port.
 pub async fn https_server<F, Fut>(pki: &Pki, handler: F) -> u16
 where
