@@ -16,9 +16,7 @@ use crate::metrics::Metrics;
 /// Serves the admin endpoints; ready once `ready` is set (the webhook is serving).
 pub async fn serve(listener: TcpListener, metrics: Metrics, ready: Arc<AtomicBool>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let stream = agentgate_process::accept(&listener, "admin").await;
         let (metrics, ready) = (metrics.clone(), ready.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {

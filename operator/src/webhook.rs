@@ -53,9 +53,7 @@ pub async fn serve(
     state: Arc<WebhookState>,
 ) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let stream = agentgate_process::accept(&listener, "webhook").await;
         let (tls, state) = (tls.clone(), state.clone());
         tokio::spawn(async move {
             let Ok(stream) = tls.accept(stream).await else {

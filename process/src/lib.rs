@@ -1,6 +1,7 @@
 //! What every agentgate binary does at its edge, in one place: parse flags (bad ones exit
 //! with code 64 and a one-line reason), log JSON to stderr, run on a multi-threaded tokio
-//! runtime until SIGTERM or Ctrl-C, and register Prometheus metrics.
+//! runtime until SIGTERM or Ctrl-C, accept connections without spinning on errors, and
+//! register Prometheus metrics.
 //!
 //! It holds no agentgate logic: the binaries' own crates decide what runs.
 
@@ -149,4 +150,21 @@ pub fn render(registry: &Registry) -> String {
     let mut out = Vec::new();
     let _ = prometheus::TextEncoder::new().encode(&registry.gather(), &mut out);
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The next connection on `listener` (`what` names it in the log). An accept error —
+/// out of file descriptors (EMFILE, ENFILE), out of memory — is logged and retried after
+/// a pause that doubles up to a second, instead of spinning on a core.
+pub async fn accept(listener: &tokio::net::TcpListener, what: &str) -> tokio::net::TcpStream {
+    let mut pause = std::time::Duration::from_millis(10);
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => return stream,
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX), "accept failed; retrying after a pause");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            }
+        }
+    }
 }

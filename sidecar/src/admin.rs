@@ -15,9 +15,7 @@ use crate::Sidecar;
 /// Serves the admin endpoints until the task is dropped.
 pub async fn serve(listener: TcpListener, sidecar: Arc<Sidecar>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let stream = agentgate_process::accept(&listener, "admin").await;
         let sidecar = sidecar.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {

@@ -71,13 +71,7 @@ const HYPER_MAX_HEADERS: usize = 1000;
 pub async fn serve(listener: TcpListener, connection: String, gateway: Arc<Gateway>) {
     let connection: Arc<str> = connection.into();
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(connection = %connection, error = %e, "accept failed");
-                continue;
-            }
-        };
+        let stream = agentgate_process::accept(&listener, &connection).await;
         let (gateway, connection) = (gateway.clone(), connection.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {

@@ -293,13 +293,7 @@ impl Shared {
 pub async fn serve(listener: TcpListener, connection: String, gateway: Arc<Gateway>) {
     let connection: Arc<str> = connection.into();
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(connection = %connection, error = %e, "accept failed");
-                continue;
-            }
-        };
+        let stream = agentgate_process::accept(&listener, &connection).await;
         let _ = stream.set_nodelay(true);
         tokio::spawn(session::run(gateway.clone(), connection.clone(), stream));
     }
