@@ -153,6 +153,9 @@ pub struct SqlStatement {
     pub prepared_statement: Option<String>,
     /// The cursor (portal) a `CLOSE` closes (`*`: all, `CLOSE ALL`, `DISCARD ALL`).
     pub closes: Option<String>,
+    /// Whether it ends a transaction or rolls back to a savepoint (`COMMIT`, `ROLLBACK`,
+    /// `ROLLBACK TO`, `PREPARE TRANSACTION`): the server drops portals and cursors then.
+    pub ends_transaction: bool,
     /// Column names that a reference outside a plain output column may carry (in an
     /// expression, a condition, a cast, a function, an aggregate, a row value; through
     /// subqueries' renamings too); `*` for a star or a whole-row reference. A masked

@@ -1113,6 +1113,18 @@ async fn names_the_server_dropped_mid_transaction_are_gone_for_the_gate_too() {
     seen += &out;
     assert!(out.contains("does not exist"), "{out}");
     raw.ask(&[query("ROLLBACK")]).await;
+    // A SAVEPOINT drops nothing: a portal bound before it still runs (JDBC's autosave).
+    raw.ask(&[query("BEGIN")]).await;
+    raw.ask(&[
+        parse("s4", "SELECT note FROM orders WHERE id = 14"),
+        bind("p4", "s4"),
+        sync(),
+    ])
+    .await;
+    raw.ask(&[query("SAVEPOINT a")]).await;
+    let out = shown(&raw.ask(&[execute("p4"), sync()]).await);
+    assert!(out.contains("order 14"), "{out}");
+    raw.ask(&[query("ROLLBACK")]).await;
     // DEALLOCATE ALL in a batch, then a Bind of a statement parsed earlier in it: the
     // gate answers at once, as the server does, instead of waiting for itself.
     let out = shown(

@@ -222,6 +222,13 @@ fn classify_one(stmt: &pg_query::protobuf::Node, context: &SqlContext) -> Option
             NodeEnum::DiscardStmt(_) => Some("*".into()),
             _ => None,
         },
+        ends_transaction: matches!(node, NodeEnum::TransactionStmt(t) if !matches!(
+            t.kind(),
+            TransactionStmtKind::TransStmtBegin
+                | TransactionStmtKind::TransStmtStart
+                | TransactionStmtKind::TransStmtSavepoint
+                | TransactionStmtKind::TransStmtRelease
+        )),
         closes: match node {
             NodeEnum::ClosePortalStmt(c) if c.portalname.is_empty() => Some("*".into()),
             NodeEnum::ClosePortalStmt(c) => Some(c.portalname.clone()),

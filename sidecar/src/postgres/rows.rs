@@ -73,7 +73,8 @@ impl Column {
         };
         let coding = Coding::of(field, format);
         Self {
-            masked: masked || (coding == Coding::Opaque && !profile.is_empty()),
+            masked: masked
+                || (coding == Coding::Opaque && (!profile.is_empty() || profile.masks_columns())),
             coding,
         }
     }

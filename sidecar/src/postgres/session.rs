@@ -184,7 +184,7 @@ impl Registry {
     /// the server half sees the statement end; a removal is applied even when the
     /// statement failed (forgetting too much only refuses more).
     fn forget(&mut self, statement: &SqlStatement) {
-        if statement.kind == SqlStatementKind::Transaction {
+        if statement.ends_transaction {
             // COMMIT, ROLLBACK (TO SAVEPOINT), COMMIT AND CHAIN drop portals and
             // cursors, whatever transaction follows.
             self.portals.clear();
@@ -882,7 +882,7 @@ impl AgentHalf {
     /// those names (the server half applies the change in order).
     fn note_namespace_changes(&mut self, sql: &SqlRequest) {
         for s in &sql.statements {
-            if s.kind == SqlStatementKind::Transaction {
+            if s.ends_transaction {
                 self.overlay.portals.clear();
                 self.overlay.portals_gone = true;
                 self.overlay_all = true;

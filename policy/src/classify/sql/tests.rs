@@ -580,3 +580,26 @@ fn what_the_second_adversary_found_is_classified() {
     // any_value is not a PostgreSQL 15 built-in.
     assert!(!is_safe("any_value"));
 }
+
+#[test]
+fn only_statements_that_end_a_transaction_drop_portals() {
+    for sql in [
+        "COMMIT",
+        "ROLLBACK",
+        "ROLLBACK TO SAVEPOINT a",
+        "COMMIT AND CHAIN",
+        "PREPARE TRANSACTION 'x'",
+        "END",
+    ] {
+        assert!(one(sql).ends_transaction, "{sql}");
+    }
+    for sql in [
+        "BEGIN",
+        "START TRANSACTION",
+        "SAVEPOINT a",
+        "RELEASE SAVEPOINT a",
+        "SELECT 1",
+    ] {
+        assert!(!one(sql).ends_transaction, "{sql}");
+    }
+}

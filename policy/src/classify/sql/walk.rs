@@ -307,7 +307,7 @@ impl Facts {
             };
             self.value(v, p);
         }
-        self.ctes.truncate(self.ctes.len() - pushed);
+        self.ctes.truncate(self.ctes.len().saturating_sub(pushed));
     }
 
     /// Walks a WITH clause's CTEs (each sees the ones before it, or all of them when
@@ -388,7 +388,7 @@ impl Facts {
                 _ => self.value(v, Pos::Other),
             }
         }
-        self.ctes.truncate(self.ctes.len() - pushed);
+        self.ctes.truncate(self.ctes.len().saturating_sub(pushed));
     }
 
     fn range_var(&mut self, f: &Map<String, Value>, pos: Pos) {
