@@ -60,7 +60,7 @@ async fn main() {
     let client = cp.client().await;
     let system = cp.namespace(&client, "agentgate-system").await;
     let ns = cp.namespace(&client, "bench").await;
-    let (_operator, _, _) = support::start_operator(cp, &client, &system, &ns).await;
+    let (_operator, webhook, _) = support::start_operator(cp, &client, &system, &ns).await;
     support::apply_approver_role(cp, &ns);
     let rows = 2 * n + 10;
     let db = agentgate_e2e::postgres::Postgres::start(&format!(
@@ -71,24 +71,16 @@ async fn main() {
 
     let dir = tempfile::tempdir().unwrap();
     let listen = support::free_port();
-    let bundle = json!({
-        "namespace": ns,
-        "connections": [{ "name": "orders-db", "spec": {
-            "protocol": "postgres",
-            "upstream": { "address": format!("127.0.0.1:{}", db.port), "database": "postgres", "tls": { "mode": "disable" } },
-            "credentials": { "secretRef": { "name": "db" } }, "listen": { "port": listen } } }],
-        "policies": [{ "name": "bench", "spec": {
-            "agentSelector": {}, "connections": ["orders-db"],
-            "rules": [{ "name": "deletes", "match": { "sql": { "statements": ["delete"] } }, "action": "approve",
-                        "approval": { "approvers": { "groups": ["dba-oncall"] }, "timeout": "60s" } }] } }]
-    });
-    std::fs::write(dir.path().join("bundle.json"), bundle.to_string()).unwrap();
-    std::fs::write(dir.path().join("labels"), "app=\"agent\"\n").unwrap();
-    std::fs::create_dir_all(dir.path().join("credentials/db")).unwrap();
-    std::fs::write(dir.path().join("credentials/db/username"), "app").unwrap();
-    std::fs::write(dir.path().join("credentials/db/password"), "bench-pw").unwrap();
+    support::write_postgres_sidecar(
+        dir.path(),
+        &ns,
+        (db.port, ("app", "bench-pw")),
+        listen,
+        json!([{ "name": "deletes", "match": { "sql": { "statements": ["delete"] } }, "action": "approve",
+                 "approval": { "approvers": { "groups": ["dba-oncall"] }, "timeout": "60s" } }]),
+    );
     let admin_port = support::free_port();
-    let sidecar = support::spawn_sidecar(cp, dir.path(), &ns, admin_port);
+    let sidecar = support::spawn_sidecar(cp, dir.path(), &ns, &webhook, admin_port);
     support::wait_for(
         "the sidecar",
         || sidecar.log(),

@@ -36,11 +36,16 @@ pub struct InjectConfig {
     pub image: String,
     /// Its resources.
     pub resources: ResourceRequirements,
+    /// The ValidatingWebhookConfiguration whose approvals webhook the sidecar checks
+    /// before it trusts a decision (`--approval-webhook`).
+    pub approval_webhook: String,
 }
 
 impl InjectConfig {
-    /// The sidecar `image` with default resources (50m/64Mi requested, 1 CPU/256Mi limit).
-    pub fn new(image: impl Into<String>) -> Self {
+    /// The sidecar `image` with default resources (50m/64Mi requested, 1 CPU/256Mi limit),
+    /// checking the approvals webhook of the ValidatingWebhookConfiguration
+    /// `approval_webhook`.
+    pub fn new(image: impl Into<String>, approval_webhook: impl Into<String>) -> Self {
         let q = |s: &str| Quantity(s.to_owned());
         Self {
             image: image.into(),
@@ -61,6 +66,7 @@ impl InjectConfig {
                 ),
                 ..Default::default()
             },
+            approval_webhook: approval_webhook.into(),
         }
     }
 }
@@ -449,6 +455,7 @@ fn sidecar_container(config: &InjectConfig, mounts: Vec<VolumeMount>) -> Contain
             format!("--credentials-dir={CREDENTIALS_DIR}"),
             format!("--admin-addr=0.0.0.0:{SIDECAR_ADMIN_PORT}"),
             "--audit=stdout".into(),
+            format!("--approval-webhook={}", config.approval_webhook),
         ]),
         env: Some(vec![
             EnvVar {

@@ -121,7 +121,10 @@ pub async fn run(
 
     let state = Arc::new(webhook::WebhookState {
         bundles,
-        inject: InjectConfig::new(settings.sidecar_image.clone()),
+        inject: InjectConfig::new(
+            settings.sidecar_image.clone(),
+            settings.validating_webhook.clone(),
+        ),
         metrics: metrics.clone(),
         identity: crate::approvals::IdentityModel {
             username_prefixes: settings.username_prefixes.clone(),

@@ -236,7 +236,7 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
     let client = cp.client().await;
     let system = cp.namespace(&client, "agentgate-system").await;
     let ns = cp.namespace(&client, "held").await;
-    let (operator, _, _) = start_operator(cp, &client, &system, &ns).await;
+    let (operator, webhook, _) = start_operator(cp, &client, &system, &ns).await;
     let db = tokio::task::spawn_blocking(|| {
         agentgate_e2e::postgres::Postgres::start(
             "CREATE ROLE app LOGIN PASSWORD 'app-pw-3b9e';
@@ -265,30 +265,22 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
         json!({ "name": name, "match": { "sql": { "statements": ["delete"], "tables": [table] } },
                 "action": "approve", "approval": approval })
     };
-    let bundle = json!({
-        "namespace": ns,
-        "connections": [{ "name": "orders-db", "generation": 1, "spec": {
-            "protocol": "postgres",
-            "upstream": { "address": format!("127.0.0.1:{}", db.port), "database": "postgres", "tls": { "mode": "disable" } },
-            "credentials": { "secretRef": { "name": "db" } }, "listen": { "port": listen } } }],
-        "policies": [{ "name": "prod-agents", "generation": 1, "spec": {
-            "agentSelector": {}, "connections": ["orders-db"],
-            "rules": [
-                { "name": "reads", "match": { "sql": { "statements": ["select"] } }, "action": "allow" },
-                rule("order-deletes", "public.orders", json!({ "grant": "once", "maxEstimatedRows": 5 })),
-                rule("log-deletes", "public.audit_log", json!({ "grant": "fingerprint", "grantTTL": "10m" })),
-                rule("slow-deletes", "public.slow", json!({ "timeout": "2s" })),
-                rule("staging-deletes", "public.staging", json!({ "mode": "retry" })),
-            ] } }]
-    });
-    std::fs::write(dir.path().join("bundle.json"), bundle.to_string()).unwrap();
-    std::fs::write(dir.path().join("labels"), "app=\"agent\"\n").unwrap();
-    std::fs::create_dir_all(dir.path().join("credentials/db")).unwrap();
-    std::fs::write(dir.path().join("credentials/db/username"), "app").unwrap();
-    std::fs::write(dir.path().join("credentials/db/password"), "app-pw-3b9e").unwrap();
+    write_postgres_sidecar(
+        dir.path(),
+        &ns,
+        (db.port, ("app", "app-pw-3b9e")),
+        listen,
+        json!([
+            { "name": "reads", "match": { "sql": { "statements": ["select"] } }, "action": "allow" },
+            rule("order-deletes", "public.orders", json!({ "grant": "once", "maxEstimatedRows": 5 })),
+            rule("log-deletes", "public.audit_log", json!({ "grant": "fingerprint", "grantTTL": "10m" })),
+            rule("slow-deletes", "public.slow", json!({ "timeout": "2s" })),
+            rule("staging-deletes", "public.staging", json!({ "mode": "retry" })),
+        ]),
+    );
     let admin_port = free_port();
     let log_path = dir.path().join("sidecar.log");
-    let start_sidecar = || spawn_sidecar(cp, dir.path(), &ns, admin_port);
+    let start_sidecar = || spawn_sidecar(cp, dir.path(), &ns, &webhook, admin_port);
     let ready = async |log: &dyn Fn() -> String| {
         wait_for("the sidecar", log, async || {
             (http_get(admin_port, "/readyz").await?.0 == 200).then_some(())
@@ -306,35 +298,7 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
     ready(&log).await;
 
     // psql as the agent, in the background: it blocks while its statement is held.
-    let run = |sql: &str| {
-        let sql = sql.to_owned();
-        std::thread::spawn(move || {
-            let out = std::process::Command::new("psql")
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &listen.to_string(),
-                    "-U",
-                    "agent",
-                    "-d",
-                    "orders",
-                    "-X",
-                    "-A",
-                    "-t",
-                    "-c",
-                    &sql,
-                ])
-                .env("PGCONNECT_TIMEOUT", "10")
-                .output()
-                .unwrap();
-            (
-                out.status.success(),
-                String::from_utf8_lossy(&out.stdout).into_owned()
-                    + &String::from_utf8_lossy(&out.stderr),
-            )
-        })
-    };
+    let run = |sql: &str| psql_agent(listen, sql);
     let pending = async |known: &[String]| pending_approval(cp, &ns, known, log).await;
     let get = |name: &str, path: &str| approval_field(cp, &ns, name, path);
     let decide = |name: &str, decision: &str| decide_as_alice(cp, &ns, name, decision);
@@ -646,6 +610,203 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
     );
 }
 
+/// Where the webhook does not guard Approvals, a stamp proves nothing: anyone who may
+/// patch an Approval can write `decidedBy: alice` themselves. The sidecar checks the
+/// webhook's configuration and asks the API server (a dry run) before it holds a request
+/// and again before it acts on an approval.
+#[tokio::test]
+async fn approvals_the_webhook_does_not_guard_are_never_trusted() {
+    let cp = ControlPlane::shared();
+    let client = cp.client().await;
+    let system = cp.namespace(&client, "agentgate-system").await;
+    let covered = cp.namespace(&client, "guarded").await;
+    let uncovered = cp.namespace(&client, "unguarded").await;
+    let (operator, webhook, _) = start_operator(cp, &client, &system, &covered).await;
+    let db = tokio::task::spawn_blocking(|| {
+        agentgate_e2e::postgres::Postgres::start(
+            "CREATE ROLE app LOGIN PASSWORD 'app-pw-5d2a';
+             CREATE TABLE orders (id int PRIMARY KEY);
+             INSERT INTO orders SELECT generate_series(1, 10);
+             GRANT ALL ON orders TO app;",
+        )
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    let remaining = |id: u32| {
+        db.psql_as(
+            ("app", "app-pw-5d2a"),
+            &[
+                "-c",
+                &format!("SELECT count(*) FROM orders WHERE id = {id}"),
+            ],
+        )
+        .unwrap()
+        .trim()
+        .to_owned()
+    };
+    // bob (developers, not an approver) may patch Approvals in both namespaces: RBAC
+    // lets him write; only the webhook stops him deciding.
+    apply_approver_role(cp, &covered);
+    apply_approver_role(cp, &uncovered);
+    let forge = |ns: &str, name: &str| {
+        let patch = json!({ "spec": { "decision": "Approved", "reason": "looks fine",
+                                      "decidedBy": "alice", "decidedByGroups": ["dba-oncall"] } });
+        cp.kubectl_output(&[
+            "--context",
+            users::BOB,
+            "patch",
+            "approval",
+            name,
+            "-n",
+            ns,
+            "--type",
+            "merge",
+            "-p",
+            &patch.to_string(),
+        ])
+    };
+
+    // Control: in the unguarded namespace, bob's forged stamp is stored as he wrote it.
+    kubectl_apply(
+        cp,
+        &approval(&uncovered, "apr-control", "2099-01-01T00:00:00Z"),
+    );
+    forge(&uncovered, "apr-control").unwrap();
+    assert_eq!(
+        approval_field(cp, &uncovered, "apr-control", "{.spec.decidedBy}"),
+        "alice"
+    );
+    // ... and in the guarded one the webhook refuses it.
+    kubectl_apply(
+        cp,
+        &approval(&covered, "apr-control", "2099-01-01T00:00:00Z"),
+    );
+    let err = forge(&covered, "apr-control").unwrap_err();
+    assert!(err.contains("not in the approver groups"), "{err}");
+
+    let rules = json!([{ "name": "deletes", "match": { "sql": { "statements": ["delete"] } },
+                         "action": "approve", "approval": { "approvers": { "groups": ["dba-oncall"] }, "timeout": "10m" } }]);
+    let start = |ns: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let (listen, admin_port) = (free_port(), free_port());
+        write_postgres_sidecar(
+            dir.path(),
+            ns,
+            (db.port, ("app", "app-pw-5d2a")),
+            listen,
+            rules.clone(),
+        );
+        let sidecar = spawn_sidecar(cp, dir.path(), ns, &webhook, admin_port);
+        (dir, sidecar, listen, admin_port)
+    };
+    let ready = async |sidecar: &Process, admin_port: u16| {
+        let log = || format!("sidecar:\n{}\noperator:\n{}", sidecar.log(), operator.log());
+        wait_for("the sidecar", log, async || {
+            (http_get(admin_port, "/readyz").await?.0 == 200).then_some(())
+        })
+        .await;
+    };
+    let pods_approvals = |ns: &str| {
+        cp.kubectl_output(&[
+            "get",
+            "approvals",
+            "-n",
+            ns,
+            "-l",
+            "agentgate.dev/pod=claude-7f9c",
+            "-o",
+            "name",
+        ])
+        .unwrap()
+    };
+
+    // 1. In the unguarded namespace the sidecar holds nothing: refused at once, and no
+    // Approval is created for anyone to forge.
+    let (_dir, unguarded, listen, admin_port) = start(&uncovered);
+    ready(&unguarded, admin_port).await;
+    let (ok, out) = psql_agent(listen, "DELETE FROM orders WHERE id = 1")
+        .join()
+        .unwrap();
+    assert!(
+        !ok && out.contains("approval webhook does not run here"),
+        "{out}"
+    );
+    assert_eq!(pods_approvals(&uncovered).trim(), "");
+    assert_eq!(remaining(1), "1");
+    let (_, metrics) = http_get(admin_port, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("agentgate_sidecar_approval_webhook_guards 0"),
+        "{metrics}"
+    );
+    drop(unguarded);
+
+    // 2. In the guarded namespace a request is held; then the webhook stops guarding it
+    // (an administrator narrows its namespaceSelector) and bob forges the decision. The
+    // API server stores the forgery; the sidecar checks again before acting and refuses.
+    let (_dir, guarded, listen, admin_port) = start(&covered);
+    ready(&guarded, admin_port).await;
+    let held = psql_agent(listen, "DELETE FROM orders WHERE id = 2");
+    let log = || guarded.log();
+    let name = pending_approval(cp, &covered, &[], log).await;
+    // (The approvals webhook is the mutating configuration's second, the validating one's
+    // only.)
+    for (kind, index) in [
+        ("mutatingwebhookconfiguration", 1),
+        ("validatingwebhookconfiguration", 0),
+    ] {
+        let narrow = json!([{ "op": "replace", "path": format!("/webhooks/{index}/namespaceSelector"),
+                              "value": { "matchLabels": { "kubernetes.io/metadata.name": "somewhere-else" } } }]);
+        cp.kubectl_output(&[
+            "patch",
+            kind,
+            &webhook,
+            "--type",
+            "json",
+            "-p",
+            &narrow.to_string(),
+        ])
+        .unwrap();
+    }
+    // (The API server applies webhook configuration changes within a second or so.)
+    wait_for("the webhook to stop guarding", log, async || {
+        forge(&covered, &name).ok()
+    })
+    .await;
+    let (ok, out) = held.join().unwrap();
+    assert!(
+        !ok && out.contains("cannot verify") && out.contains("does not run here"),
+        "{out}"
+    );
+    assert_eq!(remaining(2), "1");
+    assert_eq!(
+        approval_field(cp, &covered, &name, "{.status.phase}"),
+        "Failed"
+    );
+
+    // 3. A configuration that would let a decision through when the webhook is down
+    // (failurePolicy Ignore) is refused before anything is held, and says why.
+    let ignore =
+        json!([{ "op": "replace", "path": "/webhooks/0/failurePolicy", "value": "Ignore" },
+                        { "op": "remove", "path": "/webhooks/0/namespaceSelector" }])
+        .to_string();
+    cp.kubectl_output(&[
+        "patch",
+        "validatingwebhookconfiguration",
+        &webhook,
+        "--type",
+        "json",
+        "-p",
+        &ignore,
+    ])
+    .unwrap();
+    let (ok, out) = psql_agent(listen, "DELETE FROM orders WHERE id = 3")
+        .join()
+        .unwrap();
+    assert!(!ok && out.contains("failurePolicy Ignore"), "{out}");
+    assert_eq!(remaining(3), "1");
+}
+
 /// The sidecar binary in front of the real API server: a held Kubernetes write is first
 /// run as the API server's own dry run, and the Approval shows what it would do.
 #[tokio::test]
@@ -654,7 +815,7 @@ async fn a_held_kubernetes_write_shows_the_api_servers_dry_run() {
     let client = cp.client().await;
     let system = cp.namespace(&client, "agentgate-system").await;
     let ns = cp.namespace(&client, "dry-run").await;
-    let (operator, _, _) = start_operator(cp, &client, &system, &ns).await;
+    let (operator, webhook, _) = start_operator(cp, &client, &system, &ns).await;
     apply_approver_role(cp, &ns);
     let admin = |args: &[&str]| {
         let mut all = args.to_vec();
@@ -727,7 +888,7 @@ async fn a_held_kubernetes_write_shows_the_api_servers_dry_run() {
     .unwrap();
     let admin_port = free_port();
     let log_path = dir.path().join("sidecar.log");
-    let _sidecar = spawn_sidecar(cp, dir.path(), &ns, admin_port);
+    let _sidecar = spawn_sidecar(cp, dir.path(), &ns, &webhook, admin_port);
     let log = || {
         format!(
             "sidecar:\n{}\noperator:\n{}",

@@ -49,6 +49,13 @@ pub struct Settings {
     #[arg(long, env = "AGENTGATE_APPROVALS", default_value = "kubernetes", value_parser = ["kubernetes", "off"])]
     pub approvals: String,
 
+    /// The operator's ValidatingWebhookConfiguration. Before holding a request, and again
+    /// before acting on an approval, the sidecar checks that its
+    /// `approvals.agentgate.dev` webhook guards Approvals in this namespace; when it does
+    /// not, requests that need approval are refused.
+    #[arg(long, env = "AGENTGATE_APPROVAL_WEBHOOK", default_value = "agentgate")]
+    pub approval_webhook: String,
+
     /// Where the Connections' Secrets are mounted: `<dir>/<secret-name>/<key>`, and
     /// service-account tokens at `<dir>/serviceaccount-<name>/token`.
     #[arg(

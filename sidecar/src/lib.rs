@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use agentgate_crds::{Protocol, TlsMode};
 use arc_swap::ArcSwap;
 
+use crate::approval::coverage::Coverage;
 use crate::approval::kubernetes::KubeApprovals;
 use crate::approval::{ApprovalHook, NotConfigured};
 use crate::audit::Audit;
@@ -143,21 +144,39 @@ pub(crate) fn audit_masking() -> agentgate_policy::masking::MaskingProfile {
 
 /// The approval hook: `Approval` objects when a Kubernetes API is reachable; otherwise
 /// (or with `--approvals off`) every request that needs approval is refused.
-async fn approval_hook(settings: &Settings) -> Arc<dyn ApprovalHook> {
+async fn approval_hook(settings: &Settings, metrics: &Metrics) -> Arc<dyn ApprovalHook> {
     if settings.approvals == "off" {
         return Arc::new(NotConfigured);
     }
     match kube::Client::try_default().await {
         Ok(client) => {
+            let coverage = Coverage::new(
+                client.clone(),
+                &settings.pod_namespace,
+                &settings.approval_webhook,
+                metrics.approval_webhook_guards.clone(),
+            );
             let approvals = Arc::new(KubeApprovals::new(
                 client,
                 &settings.pod_namespace,
                 &settings.pod_name,
                 settings.service_account.clone(),
+                coverage.clone(),
             ));
             tokio::spawn({
                 let approvals = approvals.clone();
-                async move { approvals.recover().await }
+                async move {
+                    // Said at start, for whoever installs it; checked again at each hold.
+                    match coverage.check().await {
+                        Ok(()) => {
+                            tracing::info!("agentgate's approval webhook guards this namespace")
+                        }
+                        Err(why) => {
+                            tracing::error!(%why, "requests that need approval will be refused")
+                        }
+                    }
+                    approvals.recover().await
+                }
             });
             approvals
         }
@@ -225,7 +244,7 @@ pub async fn run(
         identity: IdentityValidator::new(identity_client),
         audit,
         metrics: metrics.clone(),
-        approvals: approval_hook(&settings).await,
+        approvals: approval_hook(&settings, &metrics).await,
         audit_masking: audit_masking(),
         requests: AtomicU64::new(0),
         postgres: postgres::Shared::default(),

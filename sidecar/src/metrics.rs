@@ -25,6 +25,8 @@ pub struct Metrics {
     pub responses_refused: IntCounterVec,
     /// 1 while a valid bundle is loaded.
     pub bundle_loaded: IntGauge,
+    /// 1 when the last check found the approvals webhook guarding this namespace.
+    pub approval_webhook_guards: IntGauge,
 }
 
 impl Metrics {
@@ -81,6 +83,11 @@ impl Metrics {
                 &r,
                 "agentgate_sidecar_bundle_loaded",
                 "1 while a valid bundle is loaded.",
+            ),
+            approval_webhook_guards: gauge(
+                &r,
+                "agentgate_sidecar_approval_webhook_guards",
+                "1 when the last check found agentgate's approval webhook guarding this namespace; 0 when requests needing approval are refused.",
             ),
             registry: r,
         }

@@ -59,7 +59,7 @@ fn pod(labels: Value, annotations: Value, env: Value) -> Pod {
 }
 
 fn config() -> InjectConfig {
-    InjectConfig::new("ghcr.io/agentgate-dev/sidecar:0.1.0")
+    InjectConfig::new("ghcr.io/agentgate-dev/sidecar:0.1.0", "agentgate")
 }
 
 /// Compares with `testdata/<name>.json`; `UPDATE_GOLDEN=1` rewrites it.

@@ -216,12 +216,14 @@ pub fn sidecar_binary() -> PathBuf {
 }
 
 /// The sidecar binary with its files in `dir` (`bundle.json`, `labels`, `credentials/`),
-/// as pod claude-7f9c of `namespace`, holding Approvals on the control plane; its log is
-/// `dir/sidecar.log`, its audit trail `dir/audit.jsonl`.
+/// as pod claude-7f9c of `namespace`, holding Approvals on the control plane and trusting
+/// them while the approvals webhook of the ValidatingWebhookConfiguration `webhook`
+/// guards them; its log is `dir/sidecar.log`, its audit trail `dir/audit.jsonl`.
 pub fn spawn_sidecar(
     cp: &ControlPlane,
     dir: &std::path::Path,
     namespace: &str,
+    webhook: &str,
     admin_port: u16,
 ) -> Process {
     let log_path = dir.join("sidecar.log");
@@ -236,7 +238,7 @@ pub fn spawn_sidecar(
             .arg(dir.join("credentials"))
             .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
             .args(["--pod-name", "claude-7f9c", "--pod-namespace", namespace])
-            .args(["--service-account", "claude"])
+            .args(["--service-account", "claude", "--approval-webhook", webhook])
             .arg("--audit")
             .arg(format!("file:{}", dir.join("audit.jsonl").display()))
             .stdout(Stdio::null())
@@ -245,6 +247,53 @@ pub fn spawn_sidecar(
             .unwrap(),
         log_path,
     )
+}
+
+/// Writes the files of a sidecar (see [`spawn_sidecar`]) with one Postgres Connection,
+/// `orders-db`, listening on `listen` and logging in to the server on `db_port` as
+/// `login`, and one policy, `prod-agents`, with `rules`.
+pub fn write_postgres_sidecar(
+    dir: &std::path::Path,
+    namespace: &str,
+    (db_port, login): (u16, (&str, &str)),
+    listen: u16,
+    rules: serde_json::Value,
+) {
+    let bundle = json!({
+        "namespace": namespace,
+        "connections": [{ "name": "orders-db", "generation": 1, "spec": {
+            "protocol": "postgres",
+            "upstream": { "address": format!("127.0.0.1:{db_port}"), "database": "postgres", "tls": { "mode": "disable" } },
+            "credentials": { "secretRef": { "name": "db" } }, "listen": { "port": listen } } }],
+        "policies": [{ "name": "prod-agents", "generation": 1, "spec": {
+            "agentSelector": {}, "connections": ["orders-db"], "rules": rules } }]
+    });
+    std::fs::write(dir.join("bundle.json"), bundle.to_string()).unwrap();
+    std::fs::write(dir.join("labels"), "app=\"agent\"\n").unwrap();
+    let credentials = dir.join("credentials/db");
+    std::fs::create_dir_all(&credentials).unwrap();
+    std::fs::write(credentials.join("username"), login.0).unwrap();
+    std::fs::write(credentials.join("password"), login.1).unwrap();
+}
+
+/// `psql -c SQL` as the agent through the sidecar listening on `listen`, in the
+/// background (it blocks while its statement is held): whether it succeeded, and its
+/// output and errors.
+pub fn psql_agent(listen: u16, sql: &str) -> std::thread::JoinHandle<(bool, String)> {
+    let sql = sql.to_owned();
+    std::thread::spawn(move || {
+        let out = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &listen.to_string()])
+            .args(["-U", "agent", "-d", "orders", "-X", "-A", "-t", "-c", &sql])
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    })
 }
 
 /// Lets the control plane's users patch Approvals in `ns` (the chart's

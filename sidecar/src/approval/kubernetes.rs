@@ -28,6 +28,7 @@ use kube::{Api, Client};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use super::coverage::Coverage;
 use super::{ApprovalHook, ApprovalOutcome, Executed, HeldRequest};
 
 /// The approval hook backed by `Approval` objects.
@@ -37,6 +38,9 @@ pub struct KubeApprovals {
     pod: String,
     namespace: String,
     service_account: Option<String>,
+    /// Whether the approvals webhook guards this namespace, checked before each hold
+    /// and before acting on each approval.
+    coverage: Coverage,
     grants: Arc<Mutex<Vec<Grant>>>,
     /// `mode: retry`: the requests refused while their Approval is open, by request.
     retries: Arc<Mutex<HashMap<String, Retry>>>,
@@ -65,18 +69,20 @@ struct Grant {
 }
 
 impl KubeApprovals {
-    /// Approvals in `namespace` for the agent pod `pod`.
+    /// Approvals in `namespace` for the agent pod `pod`, trusted while `coverage` passes.
     pub fn new(
         client: Client,
         namespace: &str,
         pod: &str,
         service_account: Option<String>,
+        coverage: Coverage,
     ) -> Self {
         Self {
             api: Api::namespaced(client, namespace),
             pod: pod.to_owned(),
             namespace: namespace.to_owned(),
             service_account,
+            coverage,
             grants: Arc::default(),
             retries: Arc::default(),
             uids: Arc::default(),
@@ -227,6 +233,15 @@ impl KubeApprovals {
                 None => {}
             }
         }
+        if let Err(why) = self.coverage.check().await {
+            tracing::error!(%why, "refusing to hold a request: approvals are not guarded");
+            return ApprovalOutcome::Refused {
+                reason: format!(
+                    "this request needs a human's approval (approvers: {approvers}), but {why}; the request was not run. An administrator must install agentgate's webhooks for namespace {}",
+                    self.namespace
+                ),
+            };
+        }
         let name = approval_name();
         let object = self.approval_object(&name, &request);
         let created = match self.api.create(&PostParams::default(), &object).await {
@@ -262,6 +277,7 @@ impl KubeApprovals {
         let settle = Settle {
             api: self.api.clone(),
             grants: self.grants.clone(),
+            coverage: self.coverage.clone(),
             name: name.clone(),
             uid,
             uids: self.uids.clone(),
@@ -464,6 +480,7 @@ fn unverifiable(
 struct Settle {
     api: Api<Approval>,
     grants: Arc<Mutex<Vec<Grant>>>,
+    coverage: Coverage,
     name: String,
     /// The UID of the object the sidecar created.
     uid: String,
@@ -515,7 +532,12 @@ impl Settle {
             }
         };
         let now = Timestamp::now().to_string();
-        if let Some(why) = unverifiable(&decided, &self.requester, &self.approver_groups) {
+        let mut why = unverifiable(&decided, &self.requester, &self.approver_groups);
+        if why.is_none() && decided.spec.decision == Some(Decision::Approved) {
+            // The stamp is only as good as the webhook that wrote it: is it still there?
+            why = self.coverage.check().await.err();
+        }
+        if let Some(why) = why {
             tracing::warn!(approval = %name, %why, "refusing a decision that cannot be verified");
             let message = format!("the decision could not be verified: {why}");
             set_status(

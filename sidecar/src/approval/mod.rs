@@ -1,7 +1,9 @@
 //! The approval step of the pipeline: [`kubernetes::KubeApprovals`] holds a request on
 //! an `Approval` object until a human decides; [`NotConfigured`] (no Kubernetes API
-//! reachable) refuses every request that needs approval, and says so.
+//! reachable) refuses every request that needs approval, and says so;
+//! [`coverage::Coverage`] checks that the operator's webhook guards the decisions.
 
+pub mod coverage;
 pub mod kubernetes;
 
 use std::future::Future;
