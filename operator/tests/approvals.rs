@@ -247,7 +247,9 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
              CREATE TABLE slow (id int);
              CREATE TABLE staging (id int);
              INSERT INTO staging VALUES (1), (2);
-             GRANT ALL ON orders, audit_log, slow, staging TO app;",
+             CREATE TABLE api_keys (key text);
+             INSERT INTO api_keys VALUES ('ghp_abcdefghijklmnopqrstuvwxyz0123456789');
+             GRANT ALL ON orders, audit_log, slow, staging, api_keys TO app;",
         )
         .unwrap()
     })
@@ -276,6 +278,7 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
             rule("log-deletes", "public.audit_log", json!({ "grant": "fingerprint", "grantTTL": "10m" })),
             rule("slow-deletes", "public.slow", json!({ "timeout": "2s" })),
             rule("staging-deletes", "public.staging", json!({ "mode": "retry" })),
+            rule("key-deletes", "public.api_keys", json!({})),
         ]),
     );
     let admin_port = free_port();
@@ -533,6 +536,52 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
         .trim(),
         "1"
     );
+
+    // 5c. An approved statement fails with an error that quotes a secret (a bad cast
+    // of a stored key): the agent gets the server's error, but no record — audit trail,
+    // logs, the Approval, Events — holds the secret.
+    const SECRET: &str = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
+    let known = known_now(cp);
+    let failing = run("DELETE FROM api_keys WHERE key::int = 1");
+    let name = pending(&known).await;
+    decide(&name, "Approved");
+    let (ok, out) = failing.join().unwrap();
+    assert!(
+        !ok && out.contains(SECRET),
+        "control: the server's error quotes it: {out}"
+    );
+    wait_for("the failure to be recorded", log, async || {
+        (get(&name, "{.status.phase}") == "Failed").then_some(())
+    })
+    .await;
+    assert!(
+        get(&name, "{.status.result.message}").contains("invalid input syntax"),
+        "{}",
+        get(&name, "{.status.result.message}")
+    );
+    for (what, record) in [
+        (
+            "audit trail",
+            std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap(),
+        ),
+        ("sidecar log", std::fs::read_to_string(&log_path).unwrap()),
+        ("operator log", operator.log()),
+        (
+            "Approvals",
+            cp.kubectl_output(&["get", "approvals", "-n", &ns, "-o", "json"])
+                .unwrap(),
+        ),
+        (
+            "Events",
+            cp.kubectl_output(&["get", "events", "-n", &ns, "-o", "json"])
+                .unwrap(),
+        ),
+    ] {
+        assert!(
+            !record.contains(SECRET),
+            "the secret reached the {what}:\n{record}"
+        );
+    }
 
     // 6. The sidecar dies while a request is held: the agent's connection ends (nothing
     // hangs), and the restarted sidecar marks the orphaned Approval Expired.
