@@ -701,19 +701,7 @@ async fn approvals_the_webhook_does_not_guard_are_never_trusted() {
     let forge = |ns: &str, name: &str| {
         let patch = json!({ "spec": { "decision": "Approved", "reason": "looks fine",
                                       "decidedBy": "alice", "decidedByGroups": ["dba-oncall"] } });
-        cp.kubectl_output(&[
-            "--context",
-            users::BOB,
-            "patch",
-            "approval",
-            name,
-            "-n",
-            ns,
-            "--type",
-            "merge",
-            "-p",
-            &patch.to_string(),
-        ])
+        patch_approval_as(cp, users::BOB, ns, name, &patch)
     };
 
     // Control: in the unguarded namespace, bob's forged stamp is stored as he wrote it.

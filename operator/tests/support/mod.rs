@@ -366,12 +366,18 @@ pub fn approval_field(cp: &ControlPlane, ns: &str, name: &str, path: &str) -> St
     .unwrap()
 }
 
-/// alice, an approver, decides an Approval (`Approved` or `Denied`) for "ticket 4711".
-pub fn decide_as_alice(cp: &ControlPlane, ns: &str, name: &str, decision: &str) {
-    let patch = json!({ "spec": { "decision": decision, "reason": "ticket 4711" } }).to_string();
+/// `kubectl patch approval NAME -n NS --type merge -p PATCH` as `user`.
+pub fn patch_approval_as(
+    cp: &ControlPlane,
+    user: &str,
+    ns: &str,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<String, String> {
+    let patch = patch.to_string();
     cp.kubectl_output(&[
         "--context",
-        agentgate_e2e::users::ALICE,
+        user,
         "patch",
         "approval",
         name,
@@ -382,7 +388,12 @@ pub fn decide_as_alice(cp: &ControlPlane, ns: &str, name: &str, decision: &str) 
         "-p",
         &patch,
     ])
-    .unwrap();
+}
+
+/// alice, an approver, decides an Approval (`Approved` or `Denied`) for "ticket 4711".
+pub fn decide_as_alice(cp: &ControlPlane, ns: &str, name: &str, decision: &str) {
+    let patch = json!({ "spec": { "decision": decision, "reason": "ticket 4711" } });
+    patch_approval_as(cp, agentgate_e2e::users::ALICE, ns, name, &patch).unwrap();
 }
 
 /// `kubectl agentgate ARGS -n NS` (the plugin found on `PATH`, as kubectl finds plugins),
