@@ -91,6 +91,10 @@ pub struct Settings {
     #[arg(long, env = "AGENTGATE_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub reload_interval: Duration,
 
+    /// How long upstreams may take.
+    #[command(flatten)]
+    pub timeouts: Timeouts,
+
     /// The largest response body buffered for JSON-structure masking when the policy
     /// sets no `limits.maxResponseBytes`.
     #[arg(long, env = "AGENTGATE_MAX_BUFFERED_BYTES", default_value_t = 16 << 20)]
@@ -117,6 +121,36 @@ fn parse_audit_target(s: &str) -> Result<AuditTarget, String> {
             Some(path) if !path.is_empty() => Ok(AuditTarget::File(PathBuf::from(path))),
             _ => Err(format!("{s:?} is not `stdout` or `file:<path>`")),
         },
+    }
+}
+
+/// How long the sidecar waits for an upstream: one that accepts a connection and never
+/// answers holds up only the requests sent to it, for at most these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct Timeouts {
+    /// TCP connect and TLS handshake to an upstream, and a database login as a whole.
+    #[arg(long = "upstream-connect-timeout", env = "AGENTGATE_UPSTREAM_CONNECT_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub connect: Duration,
+
+    /// How long an HTTP upstream may take to begin its answer (status and headers);
+    /// the body then streams for as long as it runs (watches, logs).
+    #[arg(long = "upstream-response-timeout", env = "AGENTGATE_UPSTREAM_RESPONSE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub response: Duration,
+
+    /// The sidecar's own look-ups on a database: the catalog (which column a result's
+    /// column is) and the impact preview's EXPLAIN. A look-up that times out masks
+    /// every column it could not name, or shows no estimate.
+    #[arg(long = "catalog-timeout", env = "AGENTGATE_CATALOG_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub catalog: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(15),
+            response: Duration::from_secs(120),
+            catalog: Duration::from_secs(2),
+        }
     }
 }
 

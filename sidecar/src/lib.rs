@@ -1,7 +1,8 @@
 //! agentgate's sidecar proxy, one per agent pod: every request the agent makes to a
 //! `Connection` passes through it — identity, classification, the policy decision, the
 //! approval hold, credential injection, response masking and the audit record, in that
-//! order (see `docs/architecture.md` and [`gateway::handle`]).
+//! order — written once in [`pipeline`], shared by the protocol front ends [`http`] and
+//! [`postgres`] (see `docs/architecture.md` for the module map).
 //!
 //! It must never forward a request it could not decide, never let a credential or an
 //! unmasked secret reach the agent, a log line or an audit record.
@@ -9,22 +10,18 @@
 pub mod admin;
 pub mod approval;
 pub mod audit;
-pub mod body;
 pub mod config;
-pub(crate) mod dry_run;
-pub mod gateway;
-mod headers;
+pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod pipeline;
 pub mod postgres;
 pub mod refusal;
 pub mod runtime;
 pub mod tls;
-pub mod upstream;
 
 use std::collections::HashMap;
 use std::io::Read as _;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use agentgate_crds::{Protocol, TlsMode};
@@ -35,9 +32,9 @@ use crate::approval::kubernetes::KubeApprovals;
 use crate::approval::{ApprovalHook, NotConfigured};
 use crate::audit::Audit;
 use crate::config::Settings;
-use crate::gateway::Gateway;
 use crate::identity::IdentityValidator;
 use crate::metrics::Metrics;
+use crate::pipeline::{Gateway, RequestIds, audit_masking};
 use crate::runtime::{Runtime, Sources};
 
 /// Why the sidecar could not start. Each is a configuration problem (exit code 64).
@@ -65,11 +62,13 @@ pub enum StartError {
 /// Each Connection's listener (by name and port), or why it could not bind.
 type Listeners = HashMap<(String, u16), Result<tokio::task::JoinHandle<()>, String>>;
 
-/// A running sidecar: the gateway and the listeners bound for it.
+/// A running sidecar: the pipeline, its front ends and the listeners bound for them.
 #[derive(Debug)]
 pub struct Sidecar {
     /// The request pipeline's shared state.
     pub gateway: Arc<Gateway>,
+    http: Arc<http::Front>,
+    postgres: Arc<postgres::Front>,
     listen_ip: std::net::IpAddr,
     listeners: Mutex<Listeners>,
 }
@@ -94,13 +93,13 @@ impl Sidecar {
             let entry = match bound {
                 Ok(listener) => {
                     tracing::info!(connection = %c.name, %addr, protocol = ?c.spec.protocol, "listening");
-                    let (name, gateway) = (c.name.clone(), self.gateway.clone());
+                    let name = c.name.clone();
                     Ok(match c.spec.protocol {
                         Protocol::Postgres => {
-                            tokio::spawn(postgres::serve(listener, name, gateway))
+                            tokio::spawn(postgres::serve(listener, name, self.postgres.clone()))
                         }
                         Protocol::Http | Protocol::Kubernetes => {
-                            tokio::spawn(gateway::serve(listener, name, gateway))
+                            tokio::spawn(http::serve(listener, name, self.http.clone()))
                         }
                     })
                 }
@@ -127,19 +126,6 @@ impl Sidecar {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         listeners.values().find_map(|l| l.as_ref().err().cloned())
     }
-}
-
-/// The masking every audit record gets, whatever the policies say.
-pub(crate) fn audit_masking() -> agentgate_policy::masking::MaskingProfile {
-    let spec = agentgate_crds::Masking {
-        detectors: vec![
-            agentgate_crds::DetectorSet::Secrets,
-            agentgate_crds::DetectorSet::Credentials,
-        ],
-        ..Default::default()
-    };
-    agentgate_policy::masking::MaskingProfile::compile(&spec, b"")
-        .unwrap_or_else(|_| unreachable!("the built-in detector sets compile"))
 }
 
 /// The approval hook: `Approval` objects when a Kubernetes API is reachable; otherwise
@@ -214,13 +200,19 @@ pub async fn run(
         .iter()
         .map(std::path::PathBuf::as_path)
         .collect();
-    let identity_client = tls::http_client(tls::root_store(&extra)?, TlsMode::VerifyFull, None)?;
+    let identity_client = tls::http_client(
+        tls::root_store(&extra)?,
+        TlsMode::VerifyFull,
+        None,
+        settings.timeouts.connect,
+    )?;
     let sources = Sources {
         bundle: settings.bundle.clone(),
         labels: settings.pod_labels.clone(),
         credentials_dir: settings.credentials_dir.clone(),
         extra_ca: settings.extra_ca_file.clone(),
         hash_key: hash_key(&settings)?,
+        timeouts: settings.timeouts,
     };
     let initial = match runtime::load(&sources) {
         Ok(r) => {
@@ -239,17 +231,23 @@ pub async fn run(
     let gateway = Arc::new(Gateway {
         pod: settings.pod_name.clone(),
         namespace: settings.pod_namespace.clone(),
-        max_buffered_bytes: settings.max_buffered_bytes,
         config: config.clone(),
         identity: IdentityValidator::new(identity_client),
         audit,
         metrics: metrics.clone(),
         approvals: approval_hook(&settings, &metrics).await,
         audit_masking: audit_masking(),
-        requests: AtomicU64::new(0),
-        postgres: postgres::Shared::default(),
+        ids: RequestIds::default(),
     });
     let sidecar = Arc::new(Sidecar {
+        http: Arc::new(http::Front {
+            gateway: gateway.clone(),
+            max_buffered_bytes: settings.max_buffered_bytes,
+        }),
+        postgres: Arc::new(postgres::Front::new(
+            gateway.clone(),
+            settings.timeouts.catalog,
+        )),
         gateway,
         listen_ip: settings.listen_ip,
         listeners: Mutex::new(HashMap::new()),

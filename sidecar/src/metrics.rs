@@ -20,6 +20,8 @@ pub struct Metrics {
     pub jwt_failures: IntCounterVec,
     /// Audit events that could not be written (the request was refused).
     pub audit_failures: IntCounterVec,
+    /// Refusals by kind (`denied`, `not_approved`, `identity`, `limit`, …).
+    pub refusals: IntCounterVec,
     /// Responses cut off by `limits.maxResponseBytes`, or refused because they could not
     /// be masked, by reason.
     pub responses_refused: IntCounterVec,
@@ -72,6 +74,12 @@ impl Metrics {
                 "agentgate_sidecar_audit_failures_total",
                 "Audit events that could not be written.",
                 &["sink"],
+            ),
+            refusals: counter(
+                &r,
+                "agentgate_sidecar_refusals_total",
+                "Requests refused, by kind of refusal.",
+                &["kind"],
             ),
             responses_refused: counter(
                 &r,

@@ -13,9 +13,10 @@ use agentgate_policy::{
 use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
+use crate::config::Timeouts;
+use crate::http::upstream::Upstream;
 use crate::metrics::Metrics;
-use crate::postgres::PgUpstream;
-use crate::upstream::Upstream;
+use crate::postgres::upstream::PgUpstream;
 
 /// One loaded configuration.
 #[derive(Debug)]
@@ -82,6 +83,8 @@ pub struct Sources {
     pub extra_ca: Option<PathBuf>,
     /// The key of the `hash` masking replacement.
     pub hash_key: Vec<u8>,
+    /// How long upstreams may take.
+    pub timeouts: Timeouts,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
@@ -129,6 +132,7 @@ pub fn load(sources: &Sources) -> Result<Runtime, LoadError> {
                 &c.spec,
                 &sources.credentials_dir,
                 sources.extra_ca.as_deref(),
+                sources.timeouts.connect,
             )
             .map(Arc::new)
             .map_err(|e| format!("Connection {}: {e}", c.name));
@@ -150,6 +154,7 @@ fn upstream_for(c: &CompiledConnection, sources: &Sources) -> Result<Arc<Upstrea
         &c.spec,
         &sources.credentials_dir,
         sources.extra_ca.as_deref(),
+        &sources.timeouts,
     )
     .map(Arc::new)
     .map_err(|e| e.to_string())
@@ -183,7 +188,10 @@ pub fn parse_labels(text: &str) -> BTreeMap<String, String> {
 
 /// Checks the sources every `interval`; applies a changed, valid configuration, and keeps
 /// the last good one (saying so in the log and `agentgate_sidecar_config_reloads_total`)
-/// when the new one is invalid. Calls `on_applied` after each applied change.
+/// when the new one is invalid. Calls `on_applied` after each applied change. Each tick
+/// also re-reads the Connections' credential files, so a rotated credential is used
+/// from the next request on. File reads and policy compilation run off the async
+/// workers: a slow disk or a large bundle never stalls a request.
 pub async fn watch(
     sources: Sources,
     current: Arc<ArcSwap<Runtime>>,
@@ -191,12 +199,28 @@ pub async fn watch(
     interval: std::time::Duration,
     on_applied: impl Fn(&Runtime) + Send + 'static,
 ) {
+    let sources = Arc::new(sources);
     let mut last_seen = current.load().source_hash.clone();
     loop {
         tokio::time::sleep(interval).await;
-        let hash = match source_hash(&sources) {
-            Ok(h) => h,
-            Err(e) => {
+        let loaded = {
+            let (sources, current) = (sources.clone(), current.load_full());
+            let last_seen = last_seen.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, LoadError> {
+                for upstream in current.upstreams.values().flatten() {
+                    upstream.refresh();
+                }
+                let hash = source_hash(&sources)?;
+                if hash == last_seen {
+                    return Ok((hash, None));
+                }
+                Ok((hash, Some(load(&sources))))
+            })
+            .await
+        };
+        let (hash, loaded) = match loaded {
+            Ok(Ok(checked)) => checked,
+            Ok(Err(e)) => {
                 if last_seen != "unreadable" {
                     tracing::error!(error = %e, "configuration unreadable; keeping the last good one");
                     metrics
@@ -207,13 +231,15 @@ pub async fn watch(
                 }
                 continue;
             }
+            Err(e) => {
+                tracing::error!(error = %e, "the configuration check failed; keeping the last good one");
+                continue;
+            }
         };
-        if hash == last_seen {
-            continue;
-        }
         last_seen = hash;
-        match load(&sources) {
-            Ok(runtime) => {
+        match loaded {
+            None => {}
+            Some(Ok(runtime)) => {
                 tracing::info!(hash = %runtime.source_hash, connections = runtime.policy.connections().count(), "configuration applied");
                 metrics.config_reloads.with_label_values(&["applied"]).inc();
                 metrics.bundle_loaded.set(1);
@@ -222,7 +248,7 @@ pub async fn watch(
                 current.store(runtime.clone());
                 on_applied(&runtime);
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::error!(error = %e, "new configuration is invalid; keeping the last good one");
                 metrics.config_reloads.with_label_values(&["invalid"]).inc();
             }

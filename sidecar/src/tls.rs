@@ -12,7 +12,11 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use crate::body::Body;
+/// The body of every HTTP message the sidecar sends: its clients' requests and the
+/// responses its HTTP front end proxies.
+pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, BodyError>;
+/// The error of such a body.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An HTTP/1.1 client over TLS (or plain HTTP where the Connection says `disable`).
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
@@ -94,13 +98,19 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// A client that verifies certificates against `roots` (mode `verify-full`), only checks
 /// that the peer holds its certificate's key (mode `require`), or speaks plain HTTP
-/// (mode `disable`). `server_name` overrides the name verified and sent as SNI.
+/// (mode `disable`). `server_name` overrides the name verified and sent as SNI. A TCP
+/// connect that takes longer than `connect_timeout` fails.
 pub fn http_client(
     roots: RootCertStore,
     mode: TlsMode,
     server_name: Option<&str>,
+    connect_timeout: std::time::Duration,
 ) -> Result<HttpClient, TlsError> {
     let config = client_config(roots, mode);
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_connect_timeout(Some(connect_timeout));
+    tcp.set_nodelay(true);
     let connector = HttpsConnectorBuilder::new().with_tls_config(config);
     let connector = if mode == TlsMode::Disable {
         connector.https_or_http()
@@ -115,7 +125,7 @@ pub fn http_client(
         }
         None => connector,
     };
-    Ok(Client::builder(TokioExecutor::new()).build(connector.enable_http1().build()))
+    Ok(Client::builder(TokioExecutor::new()).build(connector.enable_http1().wrap_connector(tcp)))
 }
 
 /// The TLS client settings for `mode`: certificates verified against `roots`

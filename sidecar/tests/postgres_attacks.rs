@@ -631,6 +631,13 @@ fn sync() -> Frame {
     Frame::new(b'S', Vec::new())
 }
 
+fn close_statement(name: &str) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_u8(b'S');
+    cstr(&mut b, name);
+    Frame::new(b'C', b)
+}
+
 fn query(sql: &str) -> Frame {
     let mut b = BytesMut::new();
     cstr(&mut b, sql);
@@ -1025,9 +1032,30 @@ async fn every_spelling_of_a_write_is_decided_and_counted() {
     s.assert_nothing_leaked(&text(&o.stderr));
 }
 
+/// `psql -c sql` through the sidecar's `port` as the launching user, off the runtime.
+fn psql_through(
+    port: u16,
+    token: &str,
+    sql: &str,
+) -> impl std::future::Future<Output = Output> + 'static {
+    let (token, sql) = (token.to_owned(), sql.to_owned());
+    let run = tokio::task::spawn_blocking(move || {
+        Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-U", "app", "-d", "postgres", "-X", "-A", "-t", "-c", &sql])
+            .env("PGPASSWORD", &token)
+            // Longer than the sidecar's own bounds: its answer is what is tested.
+            .env("PGCONNECT_TIMEOUT", "60")
+            .output()
+            .unwrap()
+    });
+    async move { run.await.unwrap() }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_that_never_answers_gets_a_clear_error_not_a_hang() {
-    // Control: the "server" accepts the connection and then says nothing, ever.
+async fn an_upstream_that_never_answers_gets_a_clear_error_and_stalls_no_one_else() {
+    // Control: the "server" accepts connections and then says nothing, ever — not to a
+    // startup packet, not to an HTTP request.
     let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hung_port = hung.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -1036,59 +1064,196 @@ async fn a_database_that_never_answers_gets_a_clear_error_not_a_hang() {
             held.push(stream);
         }
     });
+    let mut direct = tokio::net::TcpStream::connect(("127.0.0.1", hung_port))
+        .await
+        .unwrap();
+    direct
+        .write_all(&startup_message(&[
+            ("user", "app"),
+            ("database", "postgres"),
+        ]))
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_secs(1), direct.read(&mut byte))
+            .await
+            .is_err(),
+        "the hung server answered"
+    );
+
+    // ro-db and hung-api go to the hung server; rw-db to a real one.
+    let sql = setup_sql();
+    let db = tokio::task::spawn_blocking(move || Postgres::start(&sql).unwrap())
+        .await
+        .unwrap();
     let pki = Pki::new();
     let issuer = OidcIssuer::start(&pki).await;
-    let port = free_port();
-    let mut bundle = bundle(hung_port, port, free_port(), &issuer.url, json!({}));
-    bundle["connections"].as_array_mut().unwrap().truncate(1);
-    bundle["policies"][0]["spec"]["connections"] = json!(["ro-db"]);
-    bundle["policies"][0]["spec"]["rules"] = json!([
-        { "name": "reads", "match": { "sql": { "statements": ["select"] } }, "action": "allow" }
-    ]);
-    let sidecar = Sidecar::start(&bundle, "app=\"agent\"\n", |dir| {
-        pki.write_ca(&dir.join("extra-ca.pem"));
-        write_secret(
-            dir,
-            "db-creds",
-            &[("username", "app"), ("password", APP_PASSWORD)],
-        );
-    })
+    let (ro, rw, api) = (free_port(), free_port(), free_port());
+    let mut bundle = bundle(db.port, ro, rw, &issuer.url, json!({}));
+    bundle["connections"][0]["spec"]["upstream"]["address"] =
+        json!(format!("127.0.0.1:{hung_port}"));
+    bundle["connections"].as_array_mut().unwrap().push(json!({
+        "name": "hung-api", "generation": 1, "spec": {
+            "protocol": "http",
+            "upstream": { "address": format!("http://127.0.0.1:{hung_port}"), "tls": { "mode": "disable" } },
+            "credentials": { "secretRef": { "name": "api-creds" } },
+            "listen": { "port": api } } }));
+    bundle["policies"][0]["spec"]["connections"] = json!(["ro-db", "rw-db", "hung-api"]);
+    bundle["policies"][0]["spec"]["rules"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "name": "api-reads", "match": { "http": { "methods": ["GET"] } }, "action": "allow" }));
+    let sidecar = Sidecar::start_with(
+        &bundle,
+        "app=\"agent\"\n",
+        &[
+            "--upstream-connect-timeout",
+            "6s",
+            "--upstream-response-timeout",
+            "3s",
+        ],
+        |dir| {
+            pki.write_ca(&dir.join("extra-ca.pem"));
+            write_secret(
+                dir,
+                "db-creds",
+                &[("username", "app"), ("password", APP_PASSWORD)],
+            );
+            write_secret(dir, "api-creds", &[("token", "api-token-never-shown")]);
+        },
+    )
     .await;
     let token = issuer.token(&["developers"], json!({}));
     let started = std::time::Instant::now();
-    let o = tokio::task::spawn_blocking(move || {
-        Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                "app",
-                "-d",
-                "postgres",
-            ])
-            .args(["-X", "-c", "SELECT 1"])
-            .env("PGPASSWORD", &token)
-            // Longer than the sidecar's own login bound: its answer is what is tested.
-            .env("PGCONNECT_TIMEOUT", "60")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(!o.status.success());
+
+    // Sessions on the hung database, and a request to the hung API, all at once.
+    let hung_sessions: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(psql_through(ro, &token, "SELECT 1")))
+        .collect();
+    let hung_request = {
+        let token = token.clone();
+        tokio::spawn(async move {
+            let request = http::Request::get("/anything")
+                .header("proxy-authorization", format!("Bearer {token}"))
+                .body(full(""))
+                .unwrap();
+            let answer = plain_request(api, request).await;
+            (answer, started.elapsed())
+        })
+    };
+
+    // Meanwhile the other Connection answers as if nothing were wrong.
+    for i in 0..10 {
+        let asked = std::time::Instant::now();
+        let o = psql_through(rw, &token, &format!("SELECT {i} + 1")).await;
+        assert_eq!(
+            text(&o.stdout).trim(),
+            (i + 1).to_string(),
+            "{}",
+            text(&o.stderr)
+        );
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(3),
+            "a query on the healthy database took {:?}",
+            asked.elapsed()
+        );
+    }
     assert!(
-        text(&o.stderr).contains("did not complete the login"),
-        "{}",
-        text(&o.stderr)
+        hung_sessions.iter().all(|s| !s.is_finished()),
+        "the hung sessions ended before the healthy queries did; nothing was shown"
     );
+
+    // The hung ones end with their reasons, within their bounds.
+    let ((status, _, body), took) = match hung_request.await.unwrap() {
+        (Ok(answer), took) => (answer, took),
+        (Err(e), _) => panic!("no answer from the sidecar: {e}"),
+    };
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains("did not begin its answer within 3s"),
+        "{body}"
+    );
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+    for session in hung_sessions {
+        let o = session.await.unwrap();
+        assert!(!o.status.success());
+        assert!(
+            text(&o.stderr).contains("did not complete the login within 6s"),
+            "{}",
+            text(&o.stderr)
+        );
+    }
     assert!(
         started.elapsed() < std::time::Duration::from_secs(30),
         "{:?}",
         started.elapsed()
     );
     drop(sidecar);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_statement_name_per_query_does_not_grow_the_sidecar() {
+    let s = setup().await;
+    // A driver that names a fresh statement for every query and closes it after use,
+    // 100,000 times, in batches as a pipelining driver sends them.
+    let mut raw = Raw::connect(s.ro, &s.token()).await;
+    let run = |from: u32, to: u32| {
+        let mut frames = Vec::new();
+        for i in from..to {
+            let name = format!("s{i}");
+            frames.push(parse(&name, &format!("SELECT {i} AS n")));
+            frames.push(bind("", &name));
+            frames.push(execute(""));
+            frames.push(close_statement(&name));
+        }
+        frames.push(sync());
+        frames
+    };
+    let mut rss = Vec::new();
+    for batch in 0..200u32 {
+        let answer = raw.ask(&run(batch * 500, (batch + 1) * 500)).await;
+        assert!(errors(&answer).is_empty(), "{:?}", errors(&answer));
+        let rows = answer.iter().filter(|f| f.tag == b'D').count();
+        assert_eq!(rows, 500, "every statement ran");
+        if batch == 19 || batch == 199 {
+            rss.push(s.sidecar.rss_kib());
+        }
+    }
+    let (after_10k, after_100k) = (rss[0], rss[1]);
+    eprintln!(
+        "sidecar RSS after 10,000 statements: {after_10k} KiB; after 100,000: {after_100k} KiB"
+    );
+    assert!(
+        after_100k <= after_10k + 8 * 1024,
+        "the sidecar grew from {after_10k} KiB to {after_100k} KiB"
+    );
+
+    // Control: statements that are never closed are held, up to the session's bound,
+    // past which a Parse is refused (the server would hold them too).
+    let mut raw = Raw::connect(s.ro, &s.token()).await;
+    for batch in 0..20u32 {
+        let frames: Vec<Frame> = (batch * 500..(batch + 1) * 500)
+            .map(|i| parse(&format!("kept{i}"), "SELECT 1"))
+            .chain([sync()])
+            .collect();
+        assert!(errors(&raw.ask(&frames).await).is_empty());
+    }
+    let e = errors(&raw.ask(&[parse("one-more", "SELECT 1"), sync()]).await);
+    assert!(
+        e.iter()
+            .any(|m| m.contains("54000") && m.contains("10000 prepared statements")),
+        "{e:?}"
+    );
+    // Closing one makes room again.
+    let answer = raw
+        .ask(&[
+            close_statement("kept0"),
+            parse("one-more", "SELECT 1"),
+            sync(),
+        ])
+        .await;
+    assert!(errors(&answer).is_empty(), "{:?}", errors(&answer));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

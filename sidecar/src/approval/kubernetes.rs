@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentgate_crds::{
-    AgentRef, Approval, ApprovalMode, ApprovalSpec, Classification, Decision, GrantScope,
-    HeldRequest as Held, RequesterIdentity,
+    AgentRef, Approval, ApprovalMode, ApprovalPhase, ApprovalSpec, ApprovalStatus, Classification,
+    Decision, ExecutionResult, GrantScope, HeldRequest as Held, RequesterIdentity,
 };
 use agentgate_policy::Target;
 use futures::StreamExt;
@@ -264,7 +264,7 @@ impl KubeApprovals {
                 ),
             };
         };
-        set_status(&self.api, &name, &uid, json!({ "phase": "Pending" })).await;
+        set_status(&self.api, &name, &uid, &phase(ApprovalPhase::Pending, None)).await;
         {
             let mut uids = self.uids();
             if uids.len() >= MAX_OPEN_APPROVALS {
@@ -355,7 +355,10 @@ impl KubeApprovals {
                 &self.api,
                 &name,
                 &uid,
-                json!({ "phase": "Expired", "result": { "message": "the sidecar restarted while the request was held; the agent's connection ended and it must ask again" } }),
+                &phase(
+                    ApprovalPhase::Expired,
+                    Some("the sidecar restarted while the request was held; the agent's connection ended and it must ask again"),
+                ),
             )
             .await;
         }
@@ -380,24 +383,43 @@ impl ApprovalHook for KubeApprovals {
             return;
         };
         let phase = if outcome.error.is_some() {
-            "Failed"
+            ApprovalPhase::Failed
         } else {
-            "Executed"
+            ApprovalPhase::Executed
         };
-        let message = outcome.error.map(|m| truncate(&m, 1024));
-        let status = json!({
-            "phase": phase,
-            "executedAt": Timestamp::now().to_string(),
-            "result": { "rowsAffected": outcome.rows_affected, "httpStatus": outcome.http_status, "message": message },
-        });
-        tokio::spawn(async move { set_status(&api, &name, &uid, status).await });
+        let status = ApprovalStatus {
+            phase: Some(phase),
+            executed_at: Some(Time(Timestamp::now())),
+            result: Some(ExecutionResult {
+                rows_affected: outcome.rows_affected,
+                http_status: outcome.http_status,
+                message: outcome.error.map(|m| truncate(&m, 1024)),
+            }),
+            ..ApprovalStatus::default()
+        };
+        tokio::spawn(async move { set_status(&api, &name, &uid, &status).await });
     }
 }
+
+/// A status of `phase`, with a message (shortened to what the schema holds).
+fn phase(phase: ApprovalPhase, message: Option<&str>) -> ApprovalStatus {
+    ApprovalStatus {
+        phase: Some(phase),
+        result: message.map(|m| ExecutionResult {
+            message: Some(truncate(m, MAX_STATUS_MESSAGE)),
+            ..ExecutionResult::default()
+        }),
+        ..ApprovalStatus::default()
+    }
+}
+
+/// `status.result.message`'s schema limit.
+const MAX_STATUS_MESSAGE: usize = 4096;
 
 /// Writes `status` onto the Approval `name` — only if it is still the object with `uid`
 /// (the UID in the patch is a precondition: the API server refuses it for a deleted
 /// and re-created object of the same name).
-async fn set_status(api: &Api<Approval>, name: &str, uid: &str, status: serde_json::Value) {
+async fn set_status(api: &Api<Approval>, name: &str, uid: &str, status: &ApprovalStatus) {
     let patch = Patch::Merge(json!({ "metadata": { "uid": uid }, "status": status }));
     if let Err(e) = api
         .patch_status(name, &PatchParams::default(), &patch)
@@ -521,7 +543,7 @@ impl Settle {
                 };
             }
             Waited::TimedOut => {
-                set_status(&self.api, &name, &uid, json!({ "phase": "Expired" })).await;
+                set_status(&self.api, &name, &uid, &phase(ApprovalPhase::Expired, None)).await;
                 return ApprovalOutcome::Refused {
                     reason: format!(
                         "Approval {name} was not decided within {}s; the request was not run. Ask again when an approver ({}) is available",
@@ -531,7 +553,7 @@ impl Settle {
                 };
             }
         };
-        let now = Timestamp::now().to_string();
+        let now = Time(Timestamp::now());
         let mut why = unverifiable(&decided, &self.requester, &self.approver_groups);
         if why.is_none() && decided.spec.decision == Some(Decision::Approved) {
             // The stamp is only as good as the webhook that wrote it: is it still there?
@@ -544,7 +566,7 @@ impl Settle {
                 &self.api,
                 &name,
                 &uid,
-                json!({ "phase": "Failed", "result": { "message": message } }),
+                &phase(ApprovalPhase::Failed, Some(&message)),
             )
             .await;
             return ApprovalOutcome::Refused {
@@ -561,7 +583,10 @@ impl Settle {
                 &self.api,
                 &name,
                 &uid,
-                json!({ "phase": "Approved", "decidedAt": now }),
+                &ApprovalStatus {
+                    decided_at: Some(now.clone()),
+                    ..phase(ApprovalPhase::Approved, None)
+                },
             )
             .await;
             if let Some((connection, key, ttl)) = self.grant {
@@ -584,7 +609,10 @@ impl Settle {
                 &self.api,
                 &name,
                 &uid,
-                json!({ "phase": "Denied", "decidedAt": now }),
+                &ApprovalStatus {
+                    decided_at: Some(now),
+                    ..phase(ApprovalPhase::Denied, None)
+                },
             )
             .await;
             ApprovalOutcome::Refused {

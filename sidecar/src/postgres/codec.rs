@@ -13,6 +13,8 @@ pub const GSSENC_REQUEST: i32 = 80_877_104;
 pub const CANCEL_REQUEST: i32 = 80_877_102;
 /// Protocol 3.0.
 pub const PROTOCOL_3_0: i32 = 196_608;
+/// The SQLSTATE of a message that breaks the protocol.
+pub const PROTOCOL_VIOLATION: &str = "08P01";
 
 /// Why bytes are not a valid message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

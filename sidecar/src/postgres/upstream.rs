@@ -37,6 +37,8 @@ pub struct PgUpstream {
     credentials: PathBuf,
     /// The Connection's search path, pinned on every session.
     search_path: Vec<String>,
+    /// How long connecting, the TLS handshake and the login to the server may take.
+    login_timeout: std::time::Duration,
 }
 
 /// Why a connection to the server could not be made.
@@ -66,9 +68,6 @@ pub enum ConnectError {
     #[error("the database did not complete the login within {0:?}")]
     Timeout(std::time::Duration),
 }
-
-/// How long connecting, the TLS handshake and the login to the server may take.
-const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl From<ProtocolError> for ConnectError {
     fn from(e: ProtocolError) -> Self {
@@ -104,6 +103,7 @@ impl PgUpstream {
         spec: &ConnectionSpec,
         credentials_dir: &Path,
         extra_ca: Option<&Path>,
+        login_timeout: std::time::Duration,
     ) -> Result<Self, String> {
         let address = &spec.upstream.address;
         let (host, port) = address
@@ -141,6 +141,7 @@ impl PgUpstream {
             tls,
             credentials,
             search_path: spec.upstream.effective_search_path(),
+            login_timeout,
         })
     }
 
@@ -207,9 +208,9 @@ impl PgUpstream {
     ) -> Result<Established, ConnectError> {
         // A server that accepts TCP and never answers must not hold the agent (or the
         // catalog lock) forever.
-        tokio::time::timeout(LOGIN_TIMEOUT, self.login(parameters, read_only))
+        tokio::time::timeout(self.login_timeout, self.login(parameters, read_only))
             .await
-            .unwrap_or(Err(ConnectError::Timeout(LOGIN_TIMEOUT)))
+            .unwrap_or(Err(ConnectError::Timeout(self.login_timeout)))
     }
 
     async fn login(

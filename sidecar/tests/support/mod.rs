@@ -215,6 +215,28 @@ impl Sidecar {
 
     /// Starts the sidecar with `bundle` as the bundle file's text, without waiting.
     pub fn spawn(bundle: &str, labels: &str, setup: impl FnOnce(&Path)) -> Self {
+        Self::spawn_with(bundle, labels, &[], setup)
+    }
+
+    /// [`Self::start`] with extra command-line flags.
+    pub async fn start_with(
+        bundle: &Value,
+        labels: &str,
+        flags: &[&str],
+        setup: impl FnOnce(&Path),
+    ) -> Self {
+        let sidecar = Self::spawn_with(&bundle.to_string(), labels, flags, setup);
+        sidecar.wait_ready().await;
+        sidecar
+    }
+
+    /// [`Self::spawn`] with extra command-line flags.
+    pub fn spawn_with(
+        bundle: &str,
+        labels: &str,
+        flags: &[&str],
+        setup: impl FnOnce(&Path),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("bundle.json"), bundle).unwrap();
         std::fs::write(dir.path().join("labels"), labels).unwrap();
@@ -238,6 +260,7 @@ impl Sidecar {
             .arg("claude-7f9c")
             .arg("--pod-namespace")
             .arg("agents")
+            .args(flags)
             .stdout(Stdio::null())
             .stderr(Stdio::from(
                 std::fs::File::create(dir.path().join("sidecar.log")).unwrap(),
@@ -280,6 +303,16 @@ impl Sidecar {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sidecar.log")).unwrap_or_default()
+    }
+
+    /// The sidecar process's resident memory, in KiB (Linux `/proc`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
     }
 
     pub fn audit(&self) -> String {

@@ -10,12 +10,9 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::gateway::CredentialMask;
-
-/// The body type every proxied message is converted to.
-pub type Body = http_body_util::combinators::BoxBody<Bytes, BodyError>;
-/// The error of a proxied body.
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+use super::upstream::CredentialMask;
+use crate::pipeline::Completion;
+pub use crate::tls::{Body, BodyError};
 
 /// How a body is masked.
 #[derive(Debug)]
@@ -28,17 +25,6 @@ pub enum Mode {
     /// document, so structure-aware rules (Secret data, JSON paths) apply to streams too.
     /// A line that is not JSON ends the body: it cannot be masked as the policy says.
     JsonLines(Vec<u8>),
-}
-
-/// What a finished (or abandoned) body reports.
-#[derive(Debug, Default)]
-pub struct Completion {
-    /// Bytes sent to the agent.
-    pub bytes: u64,
-    /// Values masked.
-    pub report: MaskReport,
-    /// Why the body ended early, if it did.
-    pub error: Option<String>,
 }
 
 type OnEnd = Box<dyn FnOnce(Completion) + Send + Sync>;

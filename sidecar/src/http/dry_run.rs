@@ -14,8 +14,8 @@ use http::{Method, Request};
 use http_body_util::{BodyExt, Full, Limited};
 use serde_json::Value;
 
-use crate::gateway::upstream_request;
-use crate::upstream::Upstream;
+use super::forward;
+use super::upstream::Upstream;
 
 /// The longest `Impact.detail` the Approval's schema accepts.
 const MAX_DETAIL: usize = 1024;
@@ -97,12 +97,9 @@ async fn send(
         .map_err(|e| e.to_string())?;
     *request.headers_mut() = headers.clone();
     request.headers_mut().remove(header::CONTENT_LENGTH);
-    let request = upstream_request(request, upstream).map_err(|r| r.reason())?;
-    let response = upstream
-        .client
-        .request(request)
+    let (response, _, _) = forward::send(request, upstream)
         .await
-        .map_err(|e| format!("the API server could not be reached: {e}"))?;
+        .map_err(|r| r.reason())?;
     let status = response.status().as_u16();
     let body = Limited::new(response.into_body(), MAX_ANSWER)
         .collect()
@@ -297,7 +294,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::audit_masking;
+    use crate::pipeline::audit_masking;
 
     fn target(verb: &str, resource: &str, name: &str) -> KubernetesRequest {
         KubernetesRequest {
