@@ -26,6 +26,21 @@ pub(super) struct Masks {
 }
 
 impl Front {
+    /// Refuses a response that cannot be passed on, counted by why.
+    fn refuse_response(
+        &self,
+        record: Record,
+        protocol: Protocol,
+        refusal: Refusal,
+    ) -> Response<Body> {
+        self.gateway
+            .metrics
+            .responses_refused
+            .with_label_values(&[refusal.kind()])
+            .inc();
+        self.refuse(record, protocol, refusal)
+    }
+
     /// Chooses how to mask the response, and wraps or buffers its body accordingly.
     pub(super) async fn masked_response(
         self: &Arc<Self>,
@@ -39,12 +54,7 @@ impl Front {
         // The codings are checked before the hop-by-hop headers (Transfer-Encoding
         // among them) are gone.
         if let Err(reason) = headers::check_codings(response.headers()) {
-            self.gateway
-                .metrics
-                .responses_refused
-                .with_label_values(&["unmaskable"])
-                .inc();
-            return self.refuse(record, protocol, Refusal::Unmaskable(reason));
+            return self.refuse_response(record, protocol, Refusal::Unmaskable(reason));
         }
         forward::strip_hop_by_hop(response.headers_mut(), false);
         let Masks {
@@ -57,12 +67,7 @@ impl Front {
         let mode = match body_mode(&masking, &parts.headers, is_watch, protocol) {
             Ok(mode) => mode,
             Err(reason) => {
-                self.gateway
-                    .metrics
-                    .responses_refused
-                    .with_label_values(&["unmaskable"])
-                    .inc();
-                return self.refuse(record, protocol, Refusal::Unmaskable(reason));
+                return self.refuse_response(record, protocol, Refusal::Unmaskable(reason));
             }
         };
         let declared = parts
@@ -72,15 +77,10 @@ impl Front {
         if let (Some(limit), Some(length)) = (limits.max_response_bytes, declared)
             && length > limit
         {
-            self.gateway
-                .metrics
-                .responses_refused
-                .with_label_values(&["too_large"])
-                .inc();
             let reason = format!(
                 "the response ({length} bytes) exceeds limits.maxResponseBytes ({limit} bytes)"
             );
-            return self.refuse(record, protocol, Refusal::TooLarge(reason));
+            return self.refuse_response(record, protocol, Refusal::TooLarge(reason));
         }
         let status = parts.status;
         let Some(mode) = mode else {
@@ -92,15 +92,10 @@ impl Front {
             {
                 Ok(collected) => collected.to_bytes(),
                 Err(e) => {
-                    self.gateway
-                        .metrics
-                        .responses_refused
-                        .with_label_values(&["too_large"])
-                        .inc();
                     let reason = format!(
                         "the response could not be read whole for masking (limit {cap} bytes): {e}"
                     );
-                    return self.refuse(record, protocol, Refusal::TooLarge(reason));
+                    return self.refuse_response(record, protocol, Refusal::TooLarge(reason));
                 }
             };
             let mut report = header_report;
@@ -114,15 +109,10 @@ impl Front {
                 // Labelled JSON but not JSON: the structure rules cannot apply, and the
                 // text detectors alone are not what the policy asked for.
                 Err(e) => {
-                    self.gateway
-                        .metrics
-                        .responses_refused
-                        .with_label_values(&["unmaskable"])
-                        .inc();
                     let reason = format!(
                         "the response is labelled JSON but does not parse as JSON ({e}), so it cannot be masked"
                     );
-                    return self.refuse(record, protocol, Refusal::Unmaskable(reason));
+                    return self.refuse_response(record, protocol, Refusal::Unmaskable(reason));
                 }
             };
             let masked = Bytes::from(credential.mask(&masked, &mut report).into_owned());
