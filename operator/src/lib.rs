@@ -15,6 +15,7 @@ pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod reconcile;
+pub mod triggers;
 pub mod webhook;
 
 use std::sync::Arc;
