@@ -11,6 +11,9 @@ pub struct Metrics {
     pub reconciles: IntCounterVec,
     /// Reconcile failures by reason.
     pub reconcile_errors: IntCounterVec,
+    /// Watch events of the kinds whose changes mostly do not matter (pods, service
+    /// accounts), by kind and whether they trigger a reconcile (`reconcile`, `ignored`).
+    pub watch_events: IntCounterVec,
     /// Objects found not Ready, by kind and reason.
     pub not_ready: IntCounterVec,
     /// Admission requests by webhook and outcome (`injected`, `skipped`, `error`).
@@ -35,6 +38,12 @@ impl Metrics {
                 "agentgate_operator_reconcile_errors_total",
                 "Reconcile failures by reason.",
                 &["reason"],
+            ),
+            watch_events: counter(
+                &r,
+                "agentgate_operator_watch_events_total",
+                "Pod and service account watch events by kind and whether they trigger a reconcile.",
+                &["kind", "outcome"],
             ),
             not_ready: counter(
                 &r,
