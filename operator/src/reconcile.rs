@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentgate_crds::{
     AgentAccessPolicy, AgentAccessPolicyStatus, BUNDLE_KEY, Condition, Connection,
@@ -324,8 +324,19 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_secs(1u64 << failures.saturating_sub(1).min(8))
 }
 
-/// Reconciles one namespace.
+/// Reconciles one namespace, timing it whatever the outcome.
+#[tracing::instrument(skip_all, fields(namespace = %ns.name_any()))]
 pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let started = Instant::now();
+    let result = reconcile_namespace(&ns, &ctx).await;
+    ctx.metrics
+        .reconcile_seconds
+        .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_namespace(ns: &Namespace, ctx: &Context) -> Result<Action, ReconcileError> {
     let namespace = ns.name_any();
     ctx.caches.synced().await?;
     let objects = read_namespace(&ctx.client, &ctx.caches, &namespace).await?;
@@ -353,7 +364,7 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
                 _ => Vec::new(),
             },
         };
-        write_status(&ctx, connection, &status, readiness, "Connection").await?;
+        write_status(ctx, connection, &status, readiness, "Connection").await?;
     }
     for policy in &objects.policies {
         let Some(p) = planned
@@ -372,10 +383,10 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
             connections_resolved: Some(p.connections_resolved),
             agents_matched: Some(p.agents_matched),
         };
-        write_status(&ctx, policy, &status, &p.readiness, "AgentAccessPolicy").await?;
+        write_status(ctx, policy, &status, &p.readiness, "AgentAccessPolicy").await?;
     }
-    write_bundle(&ctx, &namespace, &objects, &planned).await?;
-    write_service_account_tokens(&ctx, &namespace, &objects.connections).await?;
+    write_bundle(ctx, &namespace, &objects, &planned).await?;
+    write_service_account_tokens(ctx, &namespace, &objects.connections).await?;
     ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
     ctx.failures
         .lock()
