@@ -17,6 +17,7 @@ use agentgate_crds::{
     AgentAccessPolicy, AgentAccessPolicyStatus, BUNDLE_KEY, Condition, Connection,
     ConnectionStatus, Protocol,
 };
+use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
@@ -70,12 +71,30 @@ impl std::fmt::Debug for Context {
 
 /// The reflector stores the reconciler reads, filled by the watches [`run`] starts. Pods
 /// and service accounts are kept as their name, namespace, uid and labels only.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Caches {
     connections: Store<Connection>,
     policies: Store<AgentAccessPolicy>,
     service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
     pods: Store<PartialObjectMeta<Pod>>,
+    /// Resolves once every store has completed its first list (or with the kind whose
+    /// writer went away). One future shared by every reconcile: a store's own readiness
+    /// future wakes only the task that polled it last, so reconciles of several namespaces
+    /// waiting on the stores directly would sleep through the sync until their timeout.
+    synced: Shared<BoxFuture<'static, Result<(), &'static str>>>,
+    /// The kind whose first list `synced` is waiting for.
+    awaiting: Arc<std::sync::Mutex<&'static str>>,
+}
+
+impl std::fmt::Debug for Caches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caches")
+            .field("connections", &self.connections.len())
+            .field("policies", &self.policies.len())
+            .field("service_accounts", &self.service_accounts.len())
+            .field("pods", &self.pods.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The writing halves of [`Caches`], handed to [`run`].
@@ -94,12 +113,35 @@ impl Caches {
         let (policies, policies_writer) = reflector::store();
         let (service_accounts, service_accounts_writer) = reflector::store();
         let (pods, pods_writer) = reflector::store();
+        let waits: [(&'static str, BoxFuture<'static, _>); 4] = [
+            ("Connections", ready(&connections)),
+            ("AgentAccessPolicies", ready(&policies)),
+            ("ServiceAccounts", ready(&service_accounts)),
+            ("Pods", ready(&pods)),
+        ];
+        let awaiting = Arc::new(std::sync::Mutex::new(waits[0].0));
+        let synced = {
+            let awaiting = awaiting.clone();
+            async move {
+                for (kind, wait) in waits {
+                    *awaiting
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = kind;
+                    wait.await.map_err(|_| kind)?;
+                }
+                Ok(())
+            }
+            .boxed()
+            .shared()
+        };
         (
             Self {
                 connections,
                 policies,
                 service_accounts,
                 pods,
+                synced,
+                awaiting,
             },
             CacheWriters {
                 connections: connections_writer,
@@ -112,28 +154,28 @@ impl Caches {
 
     /// Waits until every store holds a complete list. Reading one before would plan from
     /// nothing: every Connection and policy would drop out of the bundle at start.
-    async fn synced(&self) -> Result<(), ReconcileError> {
-        let deadline = tokio::time::Instant::now() + CACHE_SYNC_TIMEOUT;
-        let waits = [
-            ("Connections", self.connections.wait_until_ready().boxed()),
-            (
-                "AgentAccessPolicies",
-                self.policies.wait_until_ready().boxed(),
-            ),
-            (
-                "ServiceAccounts",
-                self.service_accounts.wait_until_ready().boxed(),
-            ),
-            ("Pods", self.pods.wait_until_ready().boxed()),
-        ];
-        for (kind, wait) in waits {
-            match tokio::time::timeout_at(deadline, wait).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => return Err(ReconcileError::NotSynced { kind }),
-            }
+    async fn synced(&self, timeout: Duration) -> Result<(), ReconcileError> {
+        match tokio::time::timeout(timeout, self.synced.clone()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(kind)) => Err(ReconcileError::NotSynced { kind }),
+            Err(_) => Err(ReconcileError::NotSynced {
+                kind: *self
+                    .awaiting
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            }),
         }
-        Ok(())
     }
+}
+
+/// A store's first complete list, as a future owning its handle.
+fn ready<K>(store: &Store<K>) -> BoxFuture<'static, Result<(), reflector::store::WriterDropped>>
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let store = store.clone();
+    async move { store.wait_until_ready().await }.boxed()
 }
 
 /// Why a reconcile failed (it is retried with backoff).
@@ -338,7 +380,7 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
 
 async fn reconcile_namespace(ns: &Namespace, ctx: &Context) -> Result<Action, ReconcileError> {
     let namespace = ns.name_any();
-    ctx.caches.synced().await?;
+    ctx.caches.synced(CACHE_SYNC_TIMEOUT).await?;
     let objects = read_namespace(&ctx.client, &ctx.caches, &namespace).await?;
     let wants_bundle = ns
         .labels()
@@ -703,6 +745,61 @@ async fn write_bundle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reconciles of several namespaces wait for the caches at once (at start, every
+    /// namespace is queued): every one of them must wake when the caches sync.
+    #[tokio::test]
+    async fn every_waiting_reconcile_wakes_when_the_caches_sync() {
+        let (caches, mut writers) = Caches::new();
+        let caches = Arc::new(caches);
+        let waiting: Vec<_> = (0..8)
+            .map(|_| {
+                let caches = caches.clone();
+                tokio::spawn(async move { caches.synced(CACHE_SYNC_TIMEOUT).await })
+            })
+            .collect();
+        // Every reconcile is waiting before the caches sync.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        writers
+            .connections
+            .apply_watcher_event(&watcher::Event::InitDone);
+        writers
+            .policies
+            .apply_watcher_event(&watcher::Event::InitDone);
+        writers
+            .service_accounts
+            .apply_watcher_event(&watcher::Event::InitDone);
+        writers.pods.apply_watcher_event(&watcher::Event::InitDone);
+        for reconcile in waiting {
+            tokio::time::timeout(Duration::from_secs(5), reconcile)
+                .await
+                .expect("woken when the caches synced")
+                .expect("not panicked")
+                .expect("synced");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_does_not_plan_from_caches_that_never_synced() {
+        let (caches, mut writers) = Caches::new();
+        writers
+            .connections
+            .apply_watcher_event(&watcher::Event::InitDone);
+        let err = caches
+            .synced(Duration::from_millis(100))
+            .await
+            .expect_err("the policies never synced");
+        assert!(
+            matches!(
+                err,
+                ReconcileError::NotSynced {
+                    kind: "AgentAccessPolicies"
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.reason(), "not_synced");
+    }
 
     #[test]
     fn retries_back_off_exponentially_and_cap() {
