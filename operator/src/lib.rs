@@ -15,6 +15,7 @@ pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod reconcile;
+pub mod triggers;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -153,15 +154,17 @@ pub async fn run(
         recorder.clone(),
         settings.approval_retention,
     );
+    let (caches, cache_writers) = reconcile::Caches::new();
     let ctx = Arc::new(reconcile::Context {
         client: client.clone(),
         recorder,
         metrics,
+        caches,
         failures: Default::default(),
     });
     if !settings.leader_election {
         tokio::select! {
-            () = reconcile::run(ctx, shutdown) => {}
+            () = reconcile::run(ctx, cache_writers, shutdown) => {}
             () = watch_approvals => {}
         }
         return Ok(());
@@ -179,7 +182,7 @@ pub async fn run(
     }
     tokio::select! {
         lost = elector.hold() => Err(lost.into()),
-        () = reconcile::run(ctx, shutdown) => Ok(()),
+        () = reconcile::run(ctx, cache_writers, shutdown) => Ok(()),
         () = watch_approvals => Ok(()),
     }
 }

@@ -11,6 +11,11 @@ pub struct Metrics {
     pub reconciles: IntCounterVec,
     /// Reconcile failures by reason.
     pub reconcile_errors: IntCounterVec,
+    /// Reconcile latency by result (`ok`, `error`), every reconcile.
+    pub reconcile_seconds: HistogramVec,
+    /// Watch events of the kinds whose changes mostly do not matter (pods, service
+    /// accounts), by kind and whether they trigger a reconcile (`reconcile`, `ignored`).
+    pub watch_events: IntCounterVec,
     /// Objects found not Ready, by kind and reason.
     pub not_ready: IntCounterVec,
     /// Admission requests by webhook and outcome (`injected`, `skipped`, `error`).
@@ -35,6 +40,21 @@ impl Metrics {
                 "agentgate_operator_reconcile_errors_total",
                 "Reconcile failures by reason.",
                 &["reason"],
+            ),
+            reconcile_seconds: histogram(
+                &r,
+                "agentgate_operator_reconcile_duration_seconds",
+                "Namespace reconcile latency by result.",
+                vec![
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+                &["result"],
+            ),
+            watch_events: counter(
+                &r,
+                "agentgate_operator_watch_events_total",
+                "Pod and service account watch events by kind and whether they trigger a reconcile.",
+                &["kind", "outcome"],
             ),
             not_ready: counter(
                 &r,
