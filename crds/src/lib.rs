@@ -7,11 +7,15 @@
 //! say is written as CEL rules (`x-kubernetes-validations`) next to the field it guards,
 //! so the API server itself rejects a bad object with a message that says what to fix.
 //!
+//! It also holds the audit trail's contract (`audit`): the event schema, the hash chain,
+//! and its verification, shared by the sidecar that writes a trail and whoever reads it.
+//!
 //! This crate must never do I/O or hold secret values: it is types, schema and the
 //! manifest rendering that `crdgen` and the drift test share.
 
 mod agentsession;
 mod approval;
+pub mod audit;
 mod bundle;
 mod common;
 mod connection;

@@ -18,6 +18,7 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
+pub mod audit;
 pub mod postgres;
 
 /// The users of the control plane's token file, one kubeconfig context each.

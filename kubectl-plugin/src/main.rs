@@ -5,6 +5,7 @@
 
 use std::process::ExitCode;
 
+use agentgate_crds::audit::Head;
 use agentgate_crds::{Approval, ApprovalPhase};
 use agentgate_process::{Failure, LogFilter};
 use clap::{Parser, Subcommand};
@@ -66,6 +67,55 @@ enum Command {
         #[arg(long)]
         reason: String,
     },
+    /// Work with a sidecar's audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Verify a trail (a file sink, or the spool's segments concatenated in order): every
+    /// event's hash, its link to the one before, no sequence missing or out of order.
+    /// Exits 1 naming the first bad event and what is wrong with it.
+    Verify {
+        /// The trail: JSON lines as the sidecar writes them.
+        file: std::path::PathBuf,
+        /// The head the trail must end at, as `SEQ:HASH` (the AgentSession's
+        /// `status.audit`): events cut off its end are found too.
+        #[arg(long, value_parser = parse_head)]
+        head: Option<Head>,
+    },
+}
+
+fn parse_head(s: &str) -> Result<Head, String> {
+    let (seq, hash) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not SEQ:HASH"))?;
+    Ok(Head {
+        seq: seq
+            .parse()
+            .map_err(|_| format!("{seq:?} is not a sequence number"))?,
+        hash: hash.to_owned(),
+    })
+}
+
+/// What `audit verify` prints for a trail that verifies, or why it does not.
+fn verify_report(text: &str, head: Option<&Head>) -> Result<String, Failure> {
+    let verified = agentgate_crds::audit::verify(text, head).map_err(|e| Failure {
+        code: 1,
+        reason: format!("the trail does not verify: {e}"),
+    })?;
+    Ok(format!(
+        "verified: {} events, seq {}..{}, head {}:{}, {} crash boundaries",
+        verified.events.len(),
+        verified.first_seq,
+        verified.head.seq,
+        verified.head.seq,
+        verified.head.hash,
+        verified.crashes
+    ))
 }
 
 impl LogFilter for Cli {
@@ -79,6 +129,16 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    // Reading a trail needs no cluster.
+    if let Command::Audit {
+        command: AuditCommand::Verify { file, head },
+    } = &cli.command
+    {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| Failure::config(format!("cannot read {}: {e}", file.display())))?;
+        println!("{}", verify_report(&text, head.as_ref())?);
+        return Ok(());
+    }
     let options = KubeConfigOptions {
         context: cli.context.clone(),
         ..Default::default()
@@ -143,6 +203,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Deny { name, reason } => decide(client, &namespace, &name, "Denied", &reason)
             .await
             .map_err(failed),
+        Command::Audit { .. } => unreachable!("answered without a cluster above"),
     }
 }
 
@@ -258,5 +319,45 @@ fn age(seconds: i64) -> String {
         s if s < 7200 => format!("{}m", s / 60),
         s if s < 172_800 => format!("{}h", s / 3600),
         s => format!("{}d", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentgate_crds::audit::{AuditEvent, chain_line};
+
+    #[test]
+    fn audit_verify_names_the_first_bad_event() {
+        let mut head = Head::genesis();
+        let mut trail = String::new();
+        for i in 0..3 {
+            let event = AuditEvent {
+                request_id: format!("r{i}"),
+                ..Default::default()
+            };
+            let (line, next) = chain_line(&head, "2026-12-06T00:00:00Z".into(), &event).unwrap();
+            trail.push_str(&line);
+            head = next;
+        }
+        let report = verify_report(&trail, Some(&head)).unwrap();
+        assert!(
+            report.starts_with("verified: 3 events, seq 1..3"),
+            "{report}"
+        );
+        let given = parse_head(&format!("{}:{}", head.seq, head.hash)).unwrap();
+        assert_eq!(given, head);
+        let cut: String = trail.lines().take(2).map(|l| format!("{l}\n")).collect();
+        let failure = verify_report(&cut, Some(&head)).unwrap_err();
+        assert_eq!(failure.code, 1);
+        assert!(
+            failure.reason.contains("removed from its end"),
+            "{}",
+            failure.reason
+        );
+        let edited = trail.replacen("r1", "r9", 1);
+        let failure = verify_report(&edited, None).unwrap_err();
+        assert!(failure.reason.contains("line 2 (seq"), "{}", failure.reason);
+        assert!(parse_head("12").is_err());
     }
 }

@@ -7,9 +7,10 @@ use agentgate_crds::{Bundle, BundleEntry, ConnectionSpec, Protocol, SIDECAR_ADMI
 use agentgate_policy::selector_matches;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, DownwardAPIVolumeFile,
-    DownwardAPIVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
-    Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    DownwardAPIVolumeSource, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+    ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -26,6 +27,11 @@ pub const KUBECONFIG_KEY: &str = "kubeconfig";
 const BUNDLE_DIR: &str = "/etc/agentgate/bundle";
 const PODINFO_DIR: &str = "/etc/agentgate/podinfo";
 const CREDENTIALS_DIR: &str = "/var/run/agentgate/credentials";
+/// The audit spool: an emptyDir, so the chain survives a restart of the sidecar.
+const AUDIT_SPOOL_DIR: &str = "/var/run/agentgate/audit";
+/// The most the audit spool may hold on the node; the sidecar refuses new requests well
+/// before (`--audit-spool-max-bytes`, 256 MiB).
+const AUDIT_SPOOL_SIZE: &str = "512Mi";
 const KUBECONFIG_DIR: &str = "/etc/agentgate/kubeconfig";
 const TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
@@ -152,6 +158,10 @@ pub fn inject(
         mount("agentgate-bundle", BUNDLE_DIR),
         mount("agentgate-podinfo", PODINFO_DIR),
         mount("agentgate-token", TOKEN_DIR),
+        VolumeMount {
+            read_only: Some(false),
+            ..mount("agentgate-audit", AUDIT_SPOOL_DIR)
+        },
     ];
     volumes.push(configmap_volume(
         "agentgate-bundle",
@@ -173,6 +183,14 @@ pub fn inject(
         ..Default::default()
     });
     volumes.push(token_volume());
+    volumes.push(Volume {
+        name: "agentgate-audit".into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(Quantity(AUDIT_SPOOL_SIZE.into())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     for (i, secret) in secrets(&connections).iter().enumerate() {
         let name = format!("agentgate-credentials-{i}");
         volumes.push(Volume {
@@ -455,6 +473,7 @@ fn sidecar_container(config: &InjectConfig, mounts: Vec<VolumeMount>) -> Contain
             format!("--credentials-dir={CREDENTIALS_DIR}"),
             format!("--admin-addr=0.0.0.0:{SIDECAR_ADMIN_PORT}"),
             "--audit=stdout".into(),
+            format!("--audit-spool={AUDIT_SPOOL_DIR}"),
             format!("--approval-webhook={}", config.approval_webhook),
         ]),
         env: Some(vec![

@@ -560,10 +560,7 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
         get(&name, "{.status.result.message}")
     );
     for (what, record) in [
-        (
-            "audit trail",
-            std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap(),
-        ),
+        ("audit trail", sidecar_audit(dir.path())),
         ("sidecar log", std::fs::read_to_string(&log_path).unwrap()),
         ("operator log", operator.log()),
         (
@@ -627,7 +624,7 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
     drop(sidecar);
 
     // The audit trail has the hold, the decision and the execution of the first DELETE.
-    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    let audit = sidecar_audit(dir.path());
     let events: Vec<serde_json::Value> = audit
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -1059,7 +1056,7 @@ async fn a_held_kubernetes_write_shows_the_api_servers_dry_run() {
     assert_eq!(approvals.lines().count(), 2, "{approvals}");
 
     // The audit trail keeps what the approver was shown.
-    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    let audit = sidecar_audit(dir.path());
     assert!(
         audit.lines().any(|l| {
             let e: serde_json::Value = serde_json::from_str(l).unwrap();

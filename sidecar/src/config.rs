@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::audit::AuditSettings;
 use clap::Parser;
 
 /// agentgate sidecar: the per-pod gate between an AI agent and production resources.
@@ -73,9 +74,9 @@ pub struct Settings {
     #[arg(long, env = "AGENTGATE_ADMIN_ADDR", default_value = "0.0.0.0:15020")]
     pub admin_addr: SocketAddr,
 
-    /// Where audit events go: `stdout`, or `file:<path>` (JSON lines, appended).
-    #[arg(long, env = "AGENTGATE_AUDIT", default_value = "stdout", value_parser = parse_audit_target)]
-    pub audit: AuditTarget,
+    /// The audit trail: its spool and where it is delivered.
+    #[command(flatten)]
+    pub audit: AuditSettings,
 
     /// Extra CA certificates (PEM) trusted for identity providers and upstreams, on top of
     /// the system roots.
@@ -103,25 +104,6 @@ pub struct Settings {
     /// Log level filter (`info`, `debug`, `agentgate_sidecar=debug,info`).
     #[arg(long, env = "AGENTGATE_LOG", default_value = "info")]
     pub log: String,
-}
-
-/// Where audit events are written.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuditTarget {
-    /// Standard output, one JSON object per line.
-    Stdout,
-    /// A file, appended to.
-    File(PathBuf),
-}
-
-fn parse_audit_target(s: &str) -> Result<AuditTarget, String> {
-    match s {
-        "stdout" => Ok(AuditTarget::Stdout),
-        _ => match s.strip_prefix("file:") {
-            Some(path) if !path.is_empty() => Ok(AuditTarget::File(PathBuf::from(path))),
-            _ => Err(format!("{s:?} is not `stdout` or `file:<path>`")),
-        },
-    }
 }
 
 /// How long the sidecar waits for an upstream: one that accepts a connection and never
@@ -172,18 +154,31 @@ impl agentgate_process::LogFilter for Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::{Fsync, Sink};
 
     #[test]
     fn defaults_and_bad_values() {
         let s = Settings::try_parse_from(["agentgate-sidecar"]).expect("defaults parse");
-        assert_eq!(s.audit, AuditTarget::Stdout);
+        assert_eq!(s.audit.sinks, vec![Sink::Stdout]);
+        assert_eq!(s.audit.fsync, Fsync::Every(Duration::from_secs(1)));
         assert_eq!(s.listen_ip.to_string(), "127.0.0.1");
         assert_eq!(s.reload_interval, Duration::from_secs(2));
-        let s = Settings::try_parse_from(["agentgate-sidecar", "--audit", "file:/tmp/a.jsonl"])
-            .expect("parses");
-        assert_eq!(s.audit, AuditTarget::File("/tmp/a.jsonl".into()));
+        let s = Settings::try_parse_from([
+            "agentgate-sidecar",
+            "--audit",
+            "file:/tmp/a.jsonl,stdout",
+            "--audit-fsync",
+            "always",
+        ])
+        .expect("parses");
+        assert_eq!(
+            s.audit.sinks,
+            vec![Sink::File("/tmp/a.jsonl".into()), Sink::Stdout]
+        );
+        assert_eq!(s.audit.fsync, Fsync::Always);
         for bad in [
             ["--audit", "syslog"],
+            ["--audit-fsync", "sometimes"],
             ["--reload-interval", "0s"],
             ["--admin-addr", "nope"],
         ] {

@@ -37,11 +37,14 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Gateway, RequestIds, audit_masking};
 use crate::runtime::{Runtime, Sources};
 
+/// How long a stopping sidecar waits for its sinks to deliver the rest of the trail.
+const AUDIT_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why the sidecar could not start. Each is a configuration problem (exit code 64).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The audit sink cannot be opened.
-    #[error("cannot open the audit sink: {0}")]
+    /// The audit spool or a sink cannot be opened.
+    #[error("cannot open the audit trail: {0}")]
     Audit(std::io::Error),
     /// The hash key file cannot be read.
     #[error("cannot read the hash key: {0}")]
@@ -194,7 +197,16 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     let metrics = Metrics::new();
-    let audit = Audit::open(&settings.audit).map_err(StartError::Audit)?;
+    let audit = Audit::open(
+        &settings.audit,
+        &metrics,
+        agentgate_crds::audit::AuditEvent {
+            pod: settings.pod_name.clone(),
+            namespace: settings.pod_namespace.clone(),
+            ..Default::default()
+        },
+    )
+    .map_err(StartError::Audit)?;
     let extra: Vec<&std::path::Path> = settings
         .extra_ca_file
         .iter()
@@ -276,5 +288,8 @@ pub async fn run(
     tracing::info!("shutting down");
     admin.abort();
     watcher.abort();
+    // The trail ends with a `shutdown` event, delivered to every sink that can take it.
+    let gateway = sidecar.gateway.clone();
+    let _ = tokio::task::spawn_blocking(move || gateway.audit.close(AUDIT_CLOSE_TIMEOUT)).await;
     Ok(())
 }

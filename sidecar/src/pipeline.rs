@@ -23,7 +23,9 @@ use arc_swap::ArcSwap;
 use serde_json::json;
 
 use crate::approval::{ApprovalHook, ApprovalOutcome, Executed, HeldRequest};
-use crate::audit::{Audit, AuditEvent};
+use agentgate_crds::audit::{AuditEvent, EventKind};
+
+use crate::audit::Audit;
 use crate::identity::IdentityValidator;
 use crate::metrics::Metrics;
 use crate::refusal::Refusal;
@@ -239,7 +241,7 @@ impl Gateway {
                 front.limits(&evaluation)?;
             }
         }
-        self.record_allowed(record)?;
+        self.record_allowed(record).await?;
         Ok(evaluation)
     }
 
@@ -275,12 +277,12 @@ impl Gateway {
         // Held: recorded before anyone is asked, so a request that never comes back (a
         // crash, a timeout) still has its trace.
         let mut held_event = record.event.clone();
-        held_event.kind = "held";
+        held_event.kind = EventKind::Held;
         held_event.decision = "approve".into();
         held_event.impact = impact.clone();
-        if let Err(e) = self.audit.record(&held_event) {
+        if let Err(e) = self.audit.durable(&held_event).await {
             self.audit_failed(&e, "refusing a request because its hold cannot be recorded");
-            return Err(Refusal::AuditUnavailable);
+            return Err(Refusal::AuditUnavailable(e.to_string()));
         }
         let summary = self.mask_for_record(&front.summary(evaluation));
         let held = HeldRequest {
@@ -309,15 +311,15 @@ impl Gateway {
 
     /// Records an allowed request's decision before anything is forwarded: a decision
     /// that cannot be recorded is the refusal returned.
-    fn record_allowed(&self, record: &mut Record) -> Result<(), Refusal> {
+    async fn record_allowed(&self, record: &mut Record) -> Result<(), Refusal> {
         record.event.decision = "allow".into();
-        record.event.kind = "decision";
-        if let Err(e) = self.audit.record(&record.event) {
+        record.event.kind = EventKind::Decision;
+        if let Err(e) = self.audit.durable(&record.event).await {
             self.audit_failed(
                 &e,
                 "refusing a request because its decision cannot be recorded",
             );
-            return Err(Refusal::AuditUnavailable);
+            return Err(Refusal::AuditUnavailable(e.to_string()));
         }
         Ok(())
     }
@@ -336,7 +338,7 @@ impl Gateway {
                 },
             );
         }
-        record.event.kind = "decision";
+        record.event.kind = EventKind::Decision;
         record.event.decision = refusal.decision().into();
         record.event.rule = refusal
             .rule()
@@ -348,9 +350,7 @@ impl Gateway {
         record.event.reason = Some(reason.clone());
         record.event.status = Some(refusal.status().as_u16());
         record.event.latency_ms = Some(record.started.elapsed().as_secs_f64() * 1000.0);
-        if let Err(e) = self.audit.record(&record.event) {
-            self.audit_failed(&e, "a refusal could not be recorded");
-        }
+        self.audit.queue(record.event.clone());
         self.metrics
             .refusals
             .with_label_values(&[refusal.kind()])
@@ -370,7 +370,7 @@ impl Gateway {
         // An error text can quote a value (a database's "invalid input syntax for type
         // integer: …"): it reaches the audit trail and the Approval masked.
         done.error = done.error.map(|e| self.mask_for_record(&e));
-        record.event.kind = "completed";
+        record.event.kind = EventKind::Completed;
         record.event.status = status.map(|s| s.as_u16());
         if let Some(approval) = &record.approval {
             self.approvals.executed(
@@ -401,17 +401,13 @@ impl Gateway {
                 .with_label_values(&["cut_off"])
                 .inc();
         }
-        if let Err(e) = self.audit.record(&record.event) {
-            self.audit_failed(&e, "a completed request could not be recorded");
-        }
         self.count(&record, "allow");
+        self.audit.queue(record.event);
     }
 
     /// Records an event that is neither a decision nor a completion (a session's start).
-    pub(crate) fn record_event(&self, event: &AuditEvent) {
-        if let Err(e) = self.audit.record(event) {
-            self.audit_failed(&e, "an event could not be recorded");
-        }
+    pub(crate) fn record_event(&self, event: AuditEvent) {
+        self.audit.queue(event);
     }
 
     /// `text` as every record (audit event, Approval, log) may show it: masked with the
@@ -435,10 +431,6 @@ impl Gateway {
     }
 
     fn audit_failed(&self, error: &crate::audit::AuditError, what: &str) {
-        self.metrics
-            .audit_failures
-            .with_label_values(&[self.audit.sink()])
-            .inc();
         tracing::error!(error = %error, "{what}");
     }
 }

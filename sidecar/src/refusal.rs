@@ -57,9 +57,9 @@ pub enum Refusal {
         /// Which limit, and what to do.
         reason: String,
     },
-    /// The audit sink failed, so nothing may happen.
-    #[error("the audit trail cannot be written, so no request is allowed")]
-    AuditUnavailable,
+    /// The audit trail cannot take the request's decision, so nothing may happen.
+    #[error("the audit trail cannot record this request ({0}), so it is not allowed")]
+    AuditUnavailable(String),
     /// The upstream cannot be used as configured (credential missing, TLS, no address).
     #[error("{0}")]
     UpstreamUnavailable(String),
@@ -86,7 +86,7 @@ impl Refusal {
             Refusal::HeadTooLarge(_) => "head_too_large",
             Refusal::Unsupported(_) => "unsupported",
             Refusal::Limit { .. } => "limit",
-            Refusal::AuditUnavailable => "audit_unavailable",
+            Refusal::AuditUnavailable(_) => "audit_unavailable",
             Refusal::UpstreamUnavailable(_) => "upstream_unavailable",
             Refusal::UpstreamFailed(_) => "upstream_failed",
             Refusal::Unmaskable(_) => "unmaskable",
@@ -104,7 +104,7 @@ impl Refusal {
             Refusal::Identity(_) => StatusCode::UNAUTHORIZED,
             Refusal::Unclassifiable(_) | Refusal::Unsupported(_) => StatusCode::BAD_REQUEST,
             Refusal::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::AuditUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UpstreamUnavailable(_)
             | Refusal::UpstreamFailed(_)
             | Refusal::Unmaskable(_)
@@ -128,7 +128,7 @@ impl Refusal {
             // program_limit_exceeded
             Refusal::HeadTooLarge(_) | Refusal::Limit { .. } | Refusal::TooLarge(_) => "54000",
             // io_error
-            Refusal::AuditUnavailable => "58030",
+            Refusal::AuditUnavailable(_) => "58030",
             // connection_failure
             Refusal::UpstreamUnavailable(_) | Refusal::UpstreamFailed(_) => "08006",
         }
@@ -146,7 +146,7 @@ impl Refusal {
             | Refusal::HeadTooLarge(_)
             | Refusal::Unsupported(_)
             | Refusal::Limit { .. } => "deny",
-            Refusal::AuditUnavailable
+            Refusal::AuditUnavailable(_)
             | Refusal::UpstreamUnavailable(_)
             | Refusal::UpstreamFailed(_)
             | Refusal::Unmaskable(_)
@@ -206,7 +206,7 @@ impl Refusal {
             Refusal::Limit { .. } => {
                 "Stay within the limit: close what you no longer need, or ask a human to run the rest."
             }
-            Refusal::AuditUnavailable => {
+            Refusal::AuditUnavailable(_) => {
                 "Retry later; tell a human that agentgate's audit sink is failing."
             }
             Refusal::UpstreamUnavailable(_) | Refusal::UpstreamFailed(_) => {
@@ -243,7 +243,10 @@ mod tests {
         };
         assert_eq!(limit.message(), "agentgate: too many");
         assert_eq!(limit.decision(), "deny");
-        assert_eq!(Refusal::AuditUnavailable.decision(), "error");
+        assert_eq!(
+            Refusal::AuditUnavailable("the spool is full".into()).decision(),
+            "error"
+        );
         assert!(
             Refusal::NotConfigured("db".into())
                 .message()

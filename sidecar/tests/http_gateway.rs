@@ -8,7 +8,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use agentgate_sidecar::audit::verify_chain;
+use agentgate_crds::audit::{EventKind, verify};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt;
@@ -160,19 +160,26 @@ fn bundle(upstream_port: u16, listen_port: u16, issuer: &str) -> Value {
 }
 
 async fn setup() -> Setup {
+    setup_with(&[], |_| {}).await
+}
+
+/// [`setup`] with extra sidecar flags and files.
+async fn setup_with(flags: &[&str], files: impl FnOnce(&std::path::Path)) -> Setup {
     let pki = Pki::new();
     let upstream_port = https_server(&pki, upstream).await;
     let issuer = OidcIssuer::start(&pki).await;
     let port = free_port();
     let bundle = bundle(upstream_port, port, &issuer.url);
-    let sidecar = Sidecar::start(
+    let sidecar = Sidecar::start_with(
         &bundle,
         "agentgate.dev/agent=\"claude\"\napp=\"agent\"\n",
+        flags,
         |dir| {
             pki.write_ca(&dir.join("credentials/upstream-ca/ca.crt"));
             pki.write_ca(&dir.join("extra-ca.pem"));
             std::fs::create_dir_all(dir.join("credentials/api-token")).unwrap();
             std::fs::write(dir.join("credentials/api-token/token"), UPSTREAM_TOKEN).unwrap();
+            files(dir);
         },
     )
     .await;
@@ -201,6 +208,21 @@ impl Setup {
 
     fn token(&self) -> String {
         self.issuer.token(&["developers"], json!({}))
+    }
+
+    /// A GET as the agent: its status, body and the request id the sidecar gave it.
+    async fn get(&self, path: &str, token: &str) -> Result<(u16, String, String), String> {
+        let req = Request::get(path)
+            .header("proxy-authorization", format!("Bearer {token}"))
+            .body(full(""))
+            .unwrap();
+        let (status, headers, body) = plain_request(self.port, req).await?;
+        let id = headers
+            .get("x-agentgate-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        Ok((status, body, id))
     }
 }
 
@@ -264,7 +286,10 @@ async fn denials_are_403s_a_model_can_act_on() {
     assert_eq!(status, 400, "{body}");
 
     let audit = s.sidecar.audit();
-    assert_eq!(verify_chain(&audit), Ok(audit.lines().count()));
+    assert_eq!(
+        verify(&audit, None).map(|v| v.events.len()),
+        Ok(audit.lines().count())
+    );
     let decisions: Vec<Value> = audit
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -685,4 +710,176 @@ fn bad_settings_exit_64_with_a_reason() {
         .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("AGENTGATE_BUNDLE"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_chain_goes_on_across_restarts_and_marks_a_crash() {
+    let mut s = setup().await;
+    let token = s.token();
+    let mut answered = Vec::new();
+    for _ in 0..10 {
+        let (status, _, id) = s.get("/echo", &token).await.unwrap();
+        assert_eq!(status, 200);
+        answered.push(id);
+    }
+    // A clean restart.
+    s.sidecar.stop("TERM");
+    s.sidecar.restart().await;
+    for _ in 0..10 {
+        answered.push(s.get("/echo", &token).await.unwrap().2);
+    }
+    // A crash with requests in flight: each answer the agent got must be in the trail.
+    let s = std::sync::Arc::new(tokio::sync::Mutex::new(s));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (s, token) = (s.clone(), token.clone());
+            tokio::spawn(async move {
+                let port = s.lock().await.port;
+                let mut got = Vec::new();
+                loop {
+                    let req = Request::get("/echo")
+                        .header("proxy-authorization", format!("Bearer {token}"))
+                        .body(full(""))
+                        .unwrap();
+                    match plain_request(port, req).await {
+                        Ok((_, headers, _)) => got.push(
+                            headers["x-agentgate-request-id"]
+                                .to_str()
+                                .unwrap()
+                                .to_owned(),
+                        ),
+                        Err(_) => return got,
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    s.lock().await.sidecar.stop("KILL");
+    for task in load {
+        answered.extend(task.await.unwrap());
+    }
+    let mut s = std::sync::Arc::into_inner(s).unwrap().into_inner();
+    s.sidecar.restart().await;
+    answered.push(s.get("/echo", &token).await.unwrap().2);
+    assert!(
+        answered.len() > 30,
+        "the load got {} answers",
+        answered.len()
+    );
+
+    let audit = s.sidecar.audit();
+    let verified = verify(&audit, None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(verified.first_seq, 1);
+    let kinds: Vec<_> = verified
+        .events
+        .iter()
+        .map(|l| &l.envelope.event)
+        .filter(|e| matches!(e.kind, EventKind::Restart | EventKind::Shutdown))
+        .map(|e| (e.kind, e.resumed.as_ref().map(|r| r.clean)))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (EventKind::Shutdown, None),
+            (EventKind::Restart, Some(true)),
+            (EventKind::Restart, Some(false)),
+        ],
+        "a clean stop, its restart, then a crash boundary"
+    );
+    assert_eq!(verified.crashes, 1);
+    for id in &answered {
+        assert!(
+            verified
+                .events
+                .iter()
+                .any(|l| l.envelope.event.request_id == *id
+                    && l.envelope.event.kind == EventKind::Decision),
+            "request {id} was answered but its decision is not in the trail"
+        );
+    }
+
+    // Each kind of tampering is found, and named.
+    let lines: Vec<&str> = audit.lines().collect();
+    let join = |lines: &[&str]| lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+    let mut flipped = audit.clone().into_bytes();
+    let at = audit.find("\"decision\":\"allow\"").unwrap() + 13;
+    flipped[at] = b'A';
+    let e = verify(&String::from_utf8(flipped).unwrap(), None).unwrap_err();
+    assert!(e.what.contains("was changed"), "{e}");
+    let mut without = lines.clone();
+    without.remove(5);
+    let e = verify(&join(&without), None).unwrap_err();
+    assert!(e.what.contains("missing") && e.line == 6, "{e}");
+    let mut reordered = lines.clone();
+    reordered.swap(5, 6);
+    assert!(verify(&join(&reordered), None).is_err());
+    let e = verify(&join(&lines[..lines.len() - 2]), Some(&verified.head)).unwrap_err();
+    assert!(e.what.contains("removed from its end"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_that_is_down_fills_the_spool_and_requests_wait_for_it_not_the_trail() {
+    // The file sink cannot be written: its path is a directory.
+    let s = setup_with(
+        &[
+            "--audit-spool-max-bytes",
+            "16384",
+            "--audit-segment-bytes",
+            "2048",
+        ],
+        |dir| std::fs::create_dir(dir.join("audit.jsonl")).unwrap(),
+    )
+    .await;
+    let token = s.token();
+    // Requests go through while the spool has room, then are refused.
+    let mut allowed = 0;
+    let refusal = loop {
+        let (status, body, _) = s.get("/echo", &token).await.unwrap();
+        if status != 200 {
+            break (status, body);
+        }
+        allowed += 1;
+        assert!(allowed < 500, "the spool never filled");
+    };
+    assert!(allowed > 3, "{allowed}");
+    assert_eq!(refusal.0, 503, "{}", refusal.1);
+    assert!(refusal.1.contains("audit spool is full"), "{}", refusal.1);
+    let (_, metrics) = s.sidecar.admin("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("agentgate_sidecar_audit_failures_total{sink=\"spool_full\"}"),
+        "{metrics}"
+    );
+
+    // The sink comes back: it delivers everything, once and in order, and requests are
+    // allowed again.
+    std::fs::remove_dir(s.sidecar.path("audit.jsonl")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if s.get("/echo", &token).await.unwrap().0 == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", s.sidecar.log());
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let audit = s.sidecar.audit();
+    let verified = verify(&audit, None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(verified.first_seq, 1, "every event, from the first");
+    assert!(
+        verified.events.len() >= 2 * allowed,
+        "{}",
+        verified.events.len()
+    );
+    // Delivered segments are gone from the spool.
+    let segments = std::fs::read_dir(s.sidecar.path("spool"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "jsonl")
+        })
+        .count();
+    assert!(segments <= 2, "{segments} segments left in the spool");
 }

@@ -9,8 +9,8 @@ mod support;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use agentgate_crds::audit::verify;
 use agentgate_e2e::postgres::Postgres;
-use agentgate_sidecar::audit::verify_chain;
 use serde_json::{Value, json};
 use support::*;
 
@@ -349,7 +349,7 @@ async fn psql_reads_pass_writes_and_ddl_are_denied_results_are_masked() {
 
     assert_nothing_leaked(&s, &seen);
     let audit = s.sidecar.audit();
-    verify_chain(&audit).unwrap();
+    verify(&audit, None).unwrap();
     let events: Vec<Value> = audit
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -529,7 +529,7 @@ async fn a_driver_with_the_extended_protocol_pipelines_prepares_and_cancels() {
     assert!(n >= 20);
 
     assert_nothing_leaked(&s, "");
-    verify_chain(&s.sidecar.audit()).unwrap();
+    verify(&s.sidecar.audit(), None).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

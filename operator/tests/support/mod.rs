@@ -210,6 +210,12 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     dir.join(bin)
 }
 
+/// The audit trail of the sidecar [`spawn_sidecar`] started in `dir`, once its file sink
+/// holds everything the spool does.
+pub fn sidecar_audit(dir: &std::path::Path) -> String {
+    agentgate_e2e::audit::settled(&dir.join("audit.jsonl"), &dir.join("spool"))
+}
+
 /// The sidecar binary.
 pub fn sidecar_binary() -> PathBuf {
     workspace_binary("agentgate-sidecar", "agentgate-sidecar")
@@ -241,6 +247,8 @@ pub fn spawn_sidecar(
             .args(["--service-account", "claude", "--approval-webhook", webhook])
             .arg("--audit")
             .arg(format!("file:{}", dir.join("audit.jsonl").display()))
+            .arg("--audit-spool")
+            .arg(dir.join("spool"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log_path).unwrap())
             .spawn()

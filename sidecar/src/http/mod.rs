@@ -94,11 +94,20 @@ pub async fn handle(
         .gateway
         .record(&connection, json!({ "method": req.method().as_str() }));
     let span = tracing::info_span!("request", request_id = %record.event.request_id, connection = %connection);
-    front
+    // The agent can name its request to a human (and find it in the trail).
+    let id = header::HeaderValue::from_str(&record.event.request_id).ok();
+    let mut response = front
         .request(connection, req, record)
         .instrument(span)
-        .await
+        .await;
+    if let Some(id) = id {
+        response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
+    response
 }
+
+/// The response header that carries a request's id.
+pub const REQUEST_ID_HEADER: &str = "x-agentgate-request-id";
 
 impl Front {
     /// Decode, classify, decide (the shared pipeline), forward, mask; the completion

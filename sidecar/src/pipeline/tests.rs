@@ -9,7 +9,7 @@ use agentgate_policy::classify::classify_http;
 use agentgate_policy::{ApprovalPolicy, EffectiveLimits};
 
 use super::*;
-use crate::config::AuditTarget;
+use crate::audit::{AuditSettings, Fsync, Sink};
 
 #[test]
 fn request_ids_are_ulids_that_differ_and_sort_by_time() {
@@ -138,13 +138,25 @@ fn gateway(dir: &std::path::Path, hook: Arc<Hook>) -> Gateway {
         Duration::from_secs(1),
     )
     .unwrap();
+    let metrics = Metrics::new();
     Gateway {
         pod: "pod".into(),
         namespace: "ns".into(),
         config: Arc::new(ArcSwap::from_pointee(Runtime::deny_all())),
         identity: IdentityValidator::new(client),
-        audit: Audit::open(&AuditTarget::File(dir.join("audit.jsonl"))).unwrap(),
-        metrics: Metrics::new(),
+        audit: Audit::open(
+            &AuditSettings {
+                sinks: vec![Sink::File(dir.join("audit.jsonl"))],
+                spool: dir.join("spool"),
+                max_spool_bytes: 1 << 20,
+                segment_bytes: 1 << 20,
+                fsync: Fsync::Never,
+            },
+            &metrics,
+            AuditEvent::default(),
+        )
+        .unwrap(),
+        metrics,
         approvals: hook,
         audit_masking: audit_masking(),
         ids: RequestIds::default(),

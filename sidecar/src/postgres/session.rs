@@ -7,6 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use agentgate_crds::audit::EventKind;
 use agentgate_policy::classify::SqlContext;
 use agentgate_policy::masking::MaskingProfile;
 use bytes::{Bytes, BytesMut};
@@ -283,9 +284,9 @@ impl Session {
             front.unregister_cancel(cancel_key.0, &cancel_key.1);
             return None;
         }
-        record.event.kind = "session";
+        record.event.kind = EventKind::Session;
         record.event.decision = "allow".into();
-        gw.record_event(&record.event);
+        gw.record_event(record.event.clone());
         Some(Session {
             front: front.clone(),
             connection: connection.clone(),

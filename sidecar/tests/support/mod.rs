@@ -203,6 +203,7 @@ pub struct Sidecar {
     pub dir: tempfile::TempDir,
     pub admin_port: u16,
     child: Child,
+    flags: Vec<String>,
 }
 
 impl Sidecar {
@@ -243,17 +244,30 @@ impl Sidecar {
         std::fs::create_dir_all(dir.path().join("credentials")).unwrap();
         setup(dir.path());
         let admin_port = free_port();
+        let flags: Vec<String> = flags.iter().map(|f| (*f).to_owned()).collect();
+        let child = Self::spawn_child(dir.path(), admin_port, &flags);
+        Self {
+            dir,
+            admin_port,
+            child,
+            flags,
+        }
+    }
+
+    fn spawn_child(dir: &Path, admin_port: u16, flags: &[String]) -> Child {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentgate-sidecar"));
         cmd.arg("--bundle")
-            .arg(dir.path().join("bundle.json"))
+            .arg(dir.join("bundle.json"))
             .arg("--pod-labels")
-            .arg(dir.path().join("labels"))
+            .arg(dir.join("labels"))
             .arg("--credentials-dir")
-            .arg(dir.path().join("credentials"))
+            .arg(dir.join("credentials"))
             .arg("--admin-addr")
             .arg(format!("127.0.0.1:{admin_port}"))
             .arg("--audit")
-            .arg(format!("file:{}", dir.path().join("audit.jsonl").display()))
+            .arg(format!("file:{}", dir.join("audit.jsonl").display()))
+            .arg("--audit-spool")
+            .arg(dir.join("spool"))
             .arg("--reload-interval")
             .arg("200ms")
             .arg("--pod-name")
@@ -263,21 +277,35 @@ impl Sidecar {
             .args(flags)
             .stdout(Stdio::null())
             .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("sidecar.log")).unwrap(),
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("sidecar.log"))
+                    .unwrap(),
             ));
         // Approvals need a Kubernetes API: these tests have none (the operator's
         // end-to-end tests run the sidecar against a real one).
         cmd.env("AGENTGATE_APPROVALS", "off");
-        if dir.path().join("extra-ca.pem").exists() {
-            cmd.arg("--extra-ca-file")
-                .arg(dir.path().join("extra-ca.pem"));
+        if dir.join("extra-ca.pem").exists() {
+            cmd.arg("--extra-ca-file").arg(dir.join("extra-ca.pem"));
         }
-        let child = cmd.spawn().unwrap();
-        Self {
-            dir,
-            admin_port,
-            child,
-        }
+        cmd.spawn().unwrap()
+    }
+
+    /// Stops the sidecar with `signal` (`TERM`: a clean shutdown; `KILL`: a crash).
+    pub fn stop(&mut self, signal: &str) {
+        Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts the sidecar again on the same files — its spool too — and waits for it.
+    pub async fn restart(&mut self) {
+        self.child = Self::spawn_child(self.dir.path(), self.admin_port, &self.flags);
+        self.wait_ready().await;
     }
 
     pub async fn wait_ready(&self) {
@@ -315,8 +343,9 @@ impl Sidecar {
             .unwrap()
     }
 
+    /// The audit trail's file sink, once it holds everything the spool does.
     pub fn audit(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap_or_default()
+        agentgate_e2e::audit::settled(&self.path("audit.jsonl"), &self.path("spool"))
     }
 
     pub fn write_bundle(&self, bundle: &str) {
