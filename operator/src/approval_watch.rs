@@ -7,7 +7,7 @@ use std::time::Duration;
 use agentgate_crds::{Approval, ApprovalPhase, Decision};
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -15,9 +15,6 @@ use serde_json::json;
 
 /// Set on an Approval once its decision's Event is published.
 pub const EVENT_PUBLISHED: &str = "agentgate.dev/decision-event";
-
-/// How often finished Approvals are looked for.
-const CLEANUP_INTERVAL: Duration = Duration::from_secs(600);
 
 /// The Event for a decision not yet published, if there is one.
 pub fn decision_event(approval: &Approval) -> Option<Event> {
@@ -59,45 +56,15 @@ pub fn expired_for_cleanup(approval: &Approval, now: Timestamp, retention: Durat
     let Some(created) = approval.metadata.creation_timestamp.as_ref() else {
         return false;
     };
-    let age = now.duration_since(created.0);
-    finished && age.as_secs() >= 0 && age.unsigned_abs() >= retention
+    finished && crate::retention::older_than(created.0, now, retention)
 }
 
 /// Publishes decision Events and cleans up, until the task is dropped.
 pub async fn run(client: Client, recorder: Recorder, retention: Duration) {
     let api: Api<Approval> = Api::all(client.clone());
-    let cleanup = {
-        let (api, client) = (api.clone(), client.clone());
-        async move {
-            loop {
-                match api.list(&ListParams::default()).await {
-                    Ok(list) => {
-                        let now = Timestamp::now();
-                        for a in list
-                            .items
-                            .iter()
-                            .filter(|a| expired_for_cleanup(a, now, retention))
-                        {
-                            let (Some(ns), name) = (a.namespace(), a.name_any()) else {
-                                continue;
-                            };
-                            let namespaced: Api<Approval> = Api::namespaced(client.clone(), &ns);
-                            match namespaced.delete(&name, &DeleteParams::default()).await {
-                                Ok(_) => {
-                                    tracing::info!(namespace = %ns, approval = %name, "finished Approval past its retention deleted")
-                                }
-                                Err(e) => {
-                                    tracing::warn!(namespace = %ns, approval = %name, error = %e, "cannot delete a finished Approval")
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot list Approvals for clean-up"),
-                }
-                tokio::time::sleep(CLEANUP_INTERVAL).await;
-            }
-        }
-    };
+    let cleanup = crate::retention::clean_up(client.clone(), "finished Approval", |a, now| {
+        expired_for_cleanup(a, now, retention)
+    });
     let events = watcher(api, watcher::Config::default())
         .default_backoff()
         .applied_objects()

@@ -90,6 +90,10 @@ pub struct Settings {
     #[arg(long, env = "AGENTGATE_APPROVAL_RETENTION", default_value = "168h", value_parser = parse_duration)]
     pub approval_retention: Duration,
 
+    /// How long ended AgentSessions are kept after their last activity.
+    #[arg(long, env = "AGENTGATE_SESSION_RETENTION", default_value = "168h", value_parser = parse_duration)]
+    pub session_retention: Duration,
+
     /// Log level filter.
     #[arg(long, env = "AGENTGATE_LOG", default_value = "info")]
     pub log: String,

@@ -15,6 +15,7 @@ pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod reconcile;
+pub mod retention;
 pub mod triggers;
 pub mod webhook;
 
@@ -154,6 +155,10 @@ pub async fn run(
         recorder.clone(),
         settings.approval_retention,
     );
+    let session_retention = settings.session_retention;
+    let clean_up_sessions = retention::clean_up(client.clone(), "ended AgentSession", move |s, now| {
+        retention::session_expired(s, now, session_retention)
+    });
     let (caches, cache_writers) = reconcile::Caches::new();
     let ctx = Arc::new(reconcile::Context {
         client: client.clone(),
@@ -166,6 +171,7 @@ pub async fn run(
         tokio::select! {
             () = reconcile::run(ctx, cache_writers, shutdown) => {}
             () = watch_approvals => {}
+            () = clean_up_sessions => {}
         }
         return Ok(());
     }
@@ -184,6 +190,7 @@ pub async fn run(
         lost = elector.hold() => Err(lost.into()),
         () = reconcile::run(ctx, cache_writers, shutdown) => Ok(()),
         () = watch_approvals => Ok(()),
+        () = clean_up_sessions => Ok(()),
     }
 }
 

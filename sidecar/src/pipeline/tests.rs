@@ -149,7 +149,7 @@ fn gateway(dir: &std::path::Path, hook: Arc<Hook>) -> Gateway {
                 sinks: vec![Sink::File(dir.join("audit.jsonl"))],
                 spool: dir.join("spool"),
                 max_spool_bytes: 1 << 20,
-                segment_bytes: 1 << 20,
+                segment_bytes: 1 << 16,
                 fsync: Fsync::Never,
             },
             &metrics,
