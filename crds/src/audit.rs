@@ -285,8 +285,9 @@ pub struct ChainError {
 /// Verifies a trail: every line's hash matches its bytes, links to the line before, and
 /// follows it by one. A trail that starts mid-chain (a sink that began after events were
 /// delivered elsewhere) is checked from its first line on; one that starts at seq 1 must
-/// link to [`GENESIS`]. With `expected`, the trail must end exactly there (the head the
-/// API server holds in the `AgentSession`): anything cut off from its end is found.
+/// link to [`GENESIS`]. With `expected` — a head recorded elsewhere, such as the
+/// `AgentSession`'s `status.audit` in etcd — the trail must hold that very event: one
+/// cut off before it, or rewritten up to it, is found.
 pub fn verify(text: &str, expected: Option<&Head>) -> Result<Verified, ChainError> {
     let mut events: Vec<CheckedLine> = Vec::new();
     let mut crashes = 0;
@@ -356,25 +357,30 @@ pub fn verify(text: &str, expected: Option<&Head>) -> Result<Verified, ChainErro
         seq: l.envelope.seq,
         hash: l.hash.clone(),
     });
-    if let Some(expected) = expected
-        && *expected != head
-    {
-        let what = if expected.seq > head.seq {
-            format!(
+    if let Some(expected) = expected {
+        let at = events.iter().position(|l| l.envelope.seq == expected.seq);
+        let what = match at.map(|i| &events[i]) {
+            Some(l) if l.hash == expected.hash => None,
+            Some(_) => Some(format!(
+                "its event seq {} is not the one recorded (its hash differs): the trail was rewritten",
+                expected.seq
+            )),
+            None if expected.seq > head.seq => Some(format!(
                 "the trail ends at seq {}, but the recorded head is seq {}: events were removed from its end",
                 head.seq, expected.seq
-            )
-        } else {
-            format!(
-                "the trail's last event (seq {}) is not the recorded head (seq {})",
-                head.seq, expected.seq
-            )
+            )),
+            None => Some(format!(
+                "the trail starts after the recorded head (seq {})",
+                expected.seq
+            )),
         };
-        return Err(ChainError {
-            line: events.len(),
-            seq: Some(head.seq),
-            what,
-        });
+        if let Some(what) = what {
+            return Err(ChainError {
+                line: at.map_or(events.len(), |i| i + 1),
+                seq: Some(expected.seq),
+                what,
+            });
+        }
     }
     Ok(Verified {
         first_seq: events.first().map_or(0, |l| l.envelope.seq),

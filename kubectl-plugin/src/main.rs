@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 
 use agentgate_crds::audit::Head;
-use agentgate_crds::{Approval, ApprovalPhase};
+use agentgate_crds::{AgentSession, Approval, ApprovalPhase};
 use agentgate_process::{Failure, LogFilter};
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
@@ -67,6 +67,13 @@ enum Command {
         #[arg(long)]
         reason: String,
     },
+    /// List agent sessions: who used which agent pod, what was decided, the head of the
+    /// audit chain as etcd holds it.
+    Sessions {
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
     /// Work with a sidecar's audit trail.
     Audit {
         #[command(subcommand)]
@@ -82,10 +89,13 @@ enum AuditCommand {
     Verify {
         /// The trail: JSON lines as the sidecar writes them.
         file: std::path::PathBuf,
-        /// The head the trail must end at, as `SEQ:HASH` (the AgentSession's
-        /// `status.audit`): events cut off its end are found too.
-        #[arg(long, value_parser = parse_head)]
+        /// A head the trail must hold, as `SEQ:HASH`: events cut off before it, or
+        /// rewritten up to it, are found too.
+        #[arg(long, value_parser = parse_head, conflicts_with = "session")]
         head: Option<Head>,
+        /// Take that head from this AgentSession's `status.audit` (as etcd holds it).
+        #[arg(long)]
+        session: Option<String>,
     },
 }
 
@@ -99,6 +109,48 @@ fn parse_head(s: &str) -> Result<Head, String> {
             .map_err(|_| format!("{seq:?} is not a sequence number"))?,
         hash: hash.to_owned(),
     })
+}
+
+fn session_header(all_namespaces: bool) -> String {
+    let ns = if all_namespaces { "NAMESPACE  " } else { "" };
+    format!(
+        "{ns}NAME  POD  SUBJECT  PHASE  REQUESTS  ALLOWED  DENIED  APPROVALS  ROWS-MODIFIED  LAST-ACTIVITY  AUDIT-HEAD"
+    )
+}
+
+fn session_row(s: &AgentSession, all_namespaces: bool) -> String {
+    let status = s.status.clone().unwrap_or_default();
+    let c = &status.counters;
+    let ns = if all_namespaces {
+        format!("{}  ", s.metadata.namespace.as_deref().unwrap_or("-"))
+    } else {
+        String::new()
+    };
+    let subject = s.spec.identity.as_ref().map_or("-".to_owned(), |i| {
+        i.email.clone().unwrap_or(i.subject.clone())
+    });
+    let phase = status.phase.map_or("-".to_owned(), |p| format!("{p:?}"));
+    let last = status
+        .last_activity
+        .map_or("-".to_owned(), |t| t.0.to_string());
+    let head = status.audit.map_or("-".to_owned(), |a| {
+        format!(
+            "{}:{}",
+            a.last_seq,
+            a.chain_head.chars().take(12).collect::<String>()
+        )
+    });
+    format!(
+        "{ns}{}  {}  {subject}  {phase}  {}  {}  {}  {}/{}  {}  {last}  {head}",
+        s.metadata.name.as_deref().unwrap_or("-"),
+        s.spec.agent.pod,
+        c.requests,
+        c.allowed,
+        c.denied,
+        c.approvals_granted,
+        c.approvals_requested,
+        c.rows_modified
+    )
 }
 
 /// What `audit verify` prints for a trail that verifies, or why it does not.
@@ -129,9 +181,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    // Reading a trail needs no cluster.
+    // Reading a trail against a given head needs no cluster.
     if let Command::Audit {
-        command: AuditCommand::Verify { file, head },
+        command:
+            AuditCommand::Verify {
+                file,
+                head,
+                session: None,
+            },
     } = &cli.command
     {
         let text = std::fs::read_to_string(file)
@@ -203,6 +260,45 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Deny { name, reason } => decide(client, &namespace, &name, "Denied", &reason)
             .await
             .map_err(failed),
+        Command::Sessions { all_namespaces } => {
+            let api: Api<AgentSession> = if all_namespaces {
+                Api::all(client)
+            } else {
+                Api::namespaced(client, &namespace)
+            };
+            let mut list = api.list(&Default::default()).await.map_err(failed)?.items;
+            list.sort_by_key(|s| s.metadata.creation_timestamp.clone().map(|t| t.0));
+            println!("{}", session_header(all_namespaces));
+            for s in &list {
+                println!("{}", session_row(s, all_namespaces));
+            }
+            Ok(())
+        }
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    file,
+                    session: Some(session),
+                    ..
+                },
+        } => {
+            let found = Api::<AgentSession>::namespaced(client, &namespace)
+                .get(&session)
+                .await
+                .map_err(failed)?;
+            let audit = found.status.and_then(|s| s.audit).ok_or_else(|| Failure {
+                code: 1,
+                reason: format!("AgentSession {session} records no audit head yet"),
+            })?;
+            let head = Head {
+                seq: u64::try_from(audit.last_seq).unwrap_or(0),
+                hash: audit.chain_head,
+            };
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| Failure::config(format!("cannot read {}: {e}", file.display())))?;
+            println!("{}", verify_report(&text, Some(&head))?);
+            Ok(())
+        }
         Command::Audit { .. } => unreachable!("answered without a cluster above"),
     }
 }
@@ -349,6 +445,17 @@ mod tests {
         assert_eq!(given, head);
         let cut: String = trail.lines().take(2).map(|l| format!("{l}\n")).collect();
         let failure = verify_report(&cut, Some(&head)).unwrap_err();
+        assert!(
+            verify_report(
+                &trail,
+                Some(&Head {
+                    seq: 2,
+                    hash: head.hash.clone()
+                })
+            )
+            .is_err(),
+            "a rewritten event"
+        );
         assert_eq!(failure.code, 1);
         assert!(
             failure.reason.contains("removed from its end"),

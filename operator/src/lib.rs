@@ -156,9 +156,10 @@ pub async fn run(
         settings.approval_retention,
     );
     let session_retention = settings.session_retention;
-    let clean_up_sessions = retention::clean_up(client.clone(), "ended AgentSession", move |s, now| {
-        retention::session_expired(s, now, session_retention)
-    });
+    let clean_up_sessions =
+        retention::clean_up(client.clone(), "ended AgentSession", move |s, now| {
+            retention::session_expired(s, now, session_retention)
+        });
     let (caches, cache_writers) = reconcile::Caches::new();
     let ctx = Arc::new(reconcile::Context {
         client: client.clone(),

@@ -6,7 +6,9 @@
 
 mod support;
 
+use agentgate_crds::AgentSession;
 use agentgate_e2e::{ControlPlane, users};
+use kube::Api;
 use serde_json::json;
 use support::*;
 
@@ -621,6 +623,48 @@ async fn a_held_delete_runs_after_approval_and_grants_cover_what_they_say() {
         .trim(),
         "1"
     );
+    // The session as etcd holds it: its pod, what was decided, and the head of the audit
+    // chain — which the trail must hold.
+    let sessions: Api<AgentSession> = Api::namespaced(client.clone(), &ns);
+    let session = wait_for("the AgentSession", log, async || {
+        let list = sessions.list(&Default::default()).await.ok()?;
+        list.items
+            .into_iter()
+            .filter(|s| {
+                s.status.as_ref().is_some_and(|st| {
+                    st.counters.approvals_granted >= 1 && st.counters.rows_modified >= 1
+                })
+            })
+            .max_by_key(|s| {
+                s.status
+                    .as_ref()
+                    .and_then(|st| st.audit.as_ref())
+                    .map(|a| a.last_seq)
+            })
+    })
+    .await;
+    let status = session.status.clone().unwrap();
+    assert_eq!(session.spec.agent.pod, "claude-7f9c");
+    assert_eq!(session.spec.agent.namespace, ns);
+    assert!(
+        status.counters.requests >= 3 && status.counters.denied >= 1,
+        "{status:?}"
+    );
+    let anchored = status.audit.unwrap();
+    let head = agentgate_crds::audit::Head {
+        seq: u64::try_from(anchored.last_seq).unwrap(),
+        hash: anchored.chain_head,
+    };
+    let trail = sidecar_audit(dir.path());
+    agentgate_crds::audit::verify(&trail, Some(&head)).unwrap_or_else(|e| panic!("{e}"));
+    // A trail cut short before that head no longer matches what etcd holds.
+    let cut: String = trail
+        .lines()
+        .take_while(|l| !l.contains(&format!("\"seq\":{},", head.seq)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let e = agentgate_crds::audit::verify(&cut, Some(&head)).unwrap_err();
+    assert!(e.what.contains("removed from its end"), "{e}");
     drop(sidecar);
 
     // The audit trail has the hold, the decision and the execution of the first DELETE.

@@ -96,6 +96,19 @@ pub struct Settings {
     #[command(flatten)]
     pub timeouts: Timeouts,
 
+    /// Whether this pod's sessions are reported as `AgentSession` objects
+    /// (`kubernetes`, needs the Kubernetes API) or not (`off`).
+    #[arg(long, env = "AGENTGATE_SESSIONS", default_value = "kubernetes", value_parser = ["kubernetes", "off"])]
+    pub sessions: String,
+
+    /// How often an AgentSession's status is written at most.
+    #[arg(long, env = "AGENTGATE_SESSION_UPDATE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub session_update_interval: Duration,
+
+    /// How long a session may be idle before it ends (a later request starts a new one).
+    #[arg(long, env = "AGENTGATE_SESSION_IDLE_TIMEOUT", default_value = "30m", value_parser = parse_duration)]
+    pub session_idle_timeout: Duration,
+
     /// The largest response body buffered for JSON-structure masking when the policy
     /// sets no `limits.maxResponseBytes`.
     #[arg(long, env = "AGENTGATE_MAX_BUFFERED_BYTES", default_value_t = 16 << 20)]

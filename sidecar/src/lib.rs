@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod postgres;
 pub mod refusal;
 pub mod runtime;
+pub mod sessions;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -36,6 +37,9 @@ use crate::identity::IdentityValidator;
 use crate::metrics::Metrics;
 use crate::pipeline::{Gateway, RequestIds, audit_masking};
 use crate::runtime::{Runtime, Sources};
+
+/// How long a stopping sidecar tries to mark its sessions ended.
+const SESSIONS_END_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How long a stopping sidecar waits for its sinks to deliver the rest of the trail.
 const AUDIT_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -131,14 +135,33 @@ impl Sidecar {
     }
 }
 
+/// A client of the pod's Kubernetes API, when approvals or sessions need one and one
+/// can be configured.
+async fn kube_client(settings: &Settings) -> Option<kube::Client> {
+    if settings.approvals == "off" && settings.sessions == "off" {
+        return None;
+    }
+    match kube::Client::try_default().await {
+        Ok(client) => Some(client),
+        Err(e) => {
+            tracing::error!(error = %e, "no Kubernetes API: requests that need approval are refused and sessions are not reported");
+            None
+        }
+    }
+}
+
 /// The approval hook: `Approval` objects when a Kubernetes API is reachable; otherwise
 /// (or with `--approvals off`) every request that needs approval is refused.
-async fn approval_hook(settings: &Settings, metrics: &Metrics) -> Arc<dyn ApprovalHook> {
+fn approval_hook(
+    settings: &Settings,
+    client: Option<kube::Client>,
+    metrics: &Metrics,
+) -> Arc<dyn ApprovalHook> {
     if settings.approvals == "off" {
         return Arc::new(NotConfigured);
     }
-    match kube::Client::try_default().await {
-        Ok(client) => {
+    match client {
+        Some(client) => {
             let coverage = Coverage::new(
                 client.clone(),
                 &settings.pod_namespace,
@@ -169,10 +192,7 @@ async fn approval_hook(settings: &Settings, metrics: &Metrics) -> Arc<dyn Approv
             });
             approvals
         }
-        Err(e) => {
-            tracing::error!(error = %e, "no Kubernetes API for approvals; requests that need approval are refused");
-            Arc::new(NotConfigured)
-        }
+        None => Arc::new(NotConfigured),
     }
 }
 
@@ -197,6 +217,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     let metrics = Metrics::new();
+    let sinks: Vec<String> = settings.audit.sinks.iter().map(audit::Sink::name).collect();
+    let sessions = Arc::new(sessions::Sessions::new(&sinks.join(",")));
     let audit = Audit::open(
         &settings.audit,
         &metrics,
@@ -205,6 +227,7 @@ pub async fn run(
             namespace: settings.pod_namespace.clone(),
             ..Default::default()
         },
+        Some(sessions.clone()),
     )
     .map_err(StartError::Audit)?;
     let extra: Vec<&std::path::Path> = settings
@@ -240,6 +263,24 @@ pub async fn run(
         }
     };
     let config = Arc::new(ArcSwap::from_pointee(initial));
+    let client = kube_client(&settings).await;
+    let reporting = sessions::Reporting {
+        agent: agentgate_crds::AgentRef {
+            pod: settings.pod_name.clone(),
+            service_account: settings.service_account.clone(),
+            namespace: settings.pod_namespace.clone(),
+        },
+        interval: settings.session_update_interval,
+        idle: settings.session_idle_timeout,
+    };
+    let reporter = match (&client, settings.sessions.as_str()) {
+        (Some(client), "kubernetes") => Some(tokio::spawn(sessions::report(
+            sessions.clone(),
+            client.clone(),
+            reporting.clone(),
+        ))),
+        _ => None,
+    };
     let gateway = Arc::new(Gateway {
         pod: settings.pod_name.clone(),
         namespace: settings.pod_namespace.clone(),
@@ -247,7 +288,7 @@ pub async fn run(
         identity: IdentityValidator::new(identity_client),
         audit,
         metrics: metrics.clone(),
-        approvals: approval_hook(&settings, &metrics).await,
+        approvals: approval_hook(&settings, client.clone(), &metrics),
         audit_masking: audit_masking(),
         ids: RequestIds::default(),
     });
@@ -288,6 +329,10 @@ pub async fn run(
     tracing::info!("shutting down");
     admin.abort();
     watcher.abort();
+    if let (Some(reporter), Some(client)) = (reporter, client) {
+        reporter.abort();
+        sessions::end_all(&sessions, client, &reporting, SESSIONS_END_TIMEOUT).await;
+    }
     // The trail ends with a `shutdown` event, delivered to every sink that can take it.
     let gateway = sidecar.gateway.clone();
     let _ = tokio::task::spawn_blocking(move || gateway.audit.close(AUDIT_CLOSE_TIMEOUT)).await;

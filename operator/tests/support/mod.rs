@@ -249,6 +249,7 @@ pub fn spawn_sidecar(
             .arg(format!("file:{}", dir.join("audit.jsonl").display()))
             .arg("--audit-spool")
             .arg(dir.join("spool"))
+            .args(["--session-update-interval", "500ms"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log_path).unwrap())
             .spawn()

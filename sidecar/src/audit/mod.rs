@@ -110,6 +110,14 @@ const QUEUE: usize = 8192;
 /// Events written in one batch at most.
 const BATCH: usize = 1024;
 
+/// Told of every event once it is written, in order, with the chain's head after it
+/// (the AgentSessions are counted this way). Called on the writer thread: it must be
+/// quick and never block.
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    /// `event` was written, and is the chain's `head`.
+    fn observe(&self, event: &AuditEvent, head: &Head);
+}
+
 /// Why an event could not be recorded.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {
@@ -192,6 +200,7 @@ impl Audit {
         settings: &AuditSettings,
         metrics: &Metrics,
         template: AuditEvent,
+        observer: Option<Arc<dyn Observer>>,
     ) -> std::io::Result<Self> {
         if settings.segment_bytes.saturating_mul(2) > settings.max_spool_bytes {
             return Err(std::io::Error::new(
@@ -226,6 +235,7 @@ impl Audit {
             delivered: delivered.iter().map(|(_, c)| c.clone()).collect(),
             metrics: metrics.clone(),
             template: template.clone(),
+            observer,
         };
         std::thread::Builder::new()
             .name("audit-writer".into())
@@ -337,6 +347,7 @@ struct Writer {
     metrics: Metrics,
     /// The pod's fields, for the events the writer writes itself.
     template: AuditEvent,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 impl Writer {
@@ -370,6 +381,7 @@ impl Writer {
         let first_seq = head.seq + 1;
         let mut lines = String::new();
         let mut acks = Vec::new();
+        let mut observed: Vec<(Box<AuditEvent>, Head)> = Vec::new();
         let mut closed = None;
         let time = Timestamp::now().to_string();
         let append = |event: &AuditEvent, head: &mut Head, lines: &mut String| match chain_line(
@@ -396,6 +408,9 @@ impl Writer {
                     } else {
                         append(&event, &mut head, &mut lines)
                     };
+                    if result.is_ok() && self.observer.is_some() {
+                        observed.push((event, head.clone()));
+                    }
                     acks.push((ack, result));
                 }
                 Job::Close(done) => {
@@ -434,6 +449,11 @@ impl Writer {
                 tracing::error!(error = %e, "the audit spool cannot be written");
             }
             self.written.publish(self.journal.head().seq);
+        }
+        if let (Ok(()), Some(observer)) = (&outcome, &self.observer) {
+            for (event, head) in &observed {
+                observer.observe(event, head);
+            }
         }
         for (ack, result) in acks {
             let result = match (&outcome, result) {

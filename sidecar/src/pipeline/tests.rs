@@ -154,6 +154,7 @@ fn gateway(dir: &std::path::Path, hook: Arc<Hook>) -> Gateway {
             },
             &metrics,
             AuditEvent::default(),
+            None,
         )
         .unwrap(),
         metrics,

@@ -286,6 +286,7 @@ impl Sidecar {
         // Approvals need a Kubernetes API: these tests have none (the operator's
         // end-to-end tests run the sidecar against a real one).
         cmd.env("AGENTGATE_APPROVALS", "off");
+        cmd.env("AGENTGATE_SESSIONS", "off");
         if dir.join("extra-ca.pem").exists() {
             cmd.arg("--extra-ca-file").arg(dir.join("extra-ca.pem"));
         }
