@@ -29,6 +29,7 @@ test: controlplane lint ## Everything: lint, unit, property and integration test
 
 bench: controlplane ## Benchmarks, each side by side with a peer, reported as ratios
 	$(CARGO) bench --locked -p agentgate-sidecar --bench proxy
+	$(CARGO) bench --locked -p agentgate-sidecar --bench audit
 	$(CARGO) bench --locked -p agentgate-sidecar --bench pgbench
 	$(CARGO) bench --locked -p agentgate-operator --bench admission
 	$(CARGO) bench --locked -p agentgate-operator --bench approval

@@ -97,6 +97,18 @@ enum AuditCommand {
         #[arg(long)]
         session: Option<String>,
     },
+    /// A readable timeline of a trail, verified first: what the agent asked, what was
+    /// decided and by which rule or approver, what came back.
+    Replay {
+        /// The trail: JSON lines as the sidecar writes them.
+        file: std::path::PathBuf,
+        /// Only the events of this request id.
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Only the events of this identity (its subject or e-mail).
+        #[arg(long)]
+        identity: Option<String>,
+    },
 }
 
 fn parse_head(s: &str) -> Result<Head, String> {
@@ -153,6 +165,91 @@ fn session_row(s: &AgentSession, all_namespaces: bool) -> String {
     )
 }
 
+/// One line per event of a verified trail, filtered by request id or identity.
+fn timeline(
+    verified: &agentgate_crds::audit::Verified,
+    request_id: Option<&str>,
+    identity: Option<&str>,
+) -> Vec<String> {
+    use agentgate_crds::audit::EventKind;
+    verified
+        .events
+        .iter()
+        .map(|l| (&l.envelope, &l.envelope.event))
+        .filter(|(_, e)| request_id.is_none_or(|id| e.request_id == id))
+        .filter(|(_, e)| {
+            identity.is_none_or(|who| {
+                e.identity.as_ref().is_some_and(|i| {
+                    i["subject"].as_str() == Some(who) || i["email"].as_str() == Some(who)
+                })
+            })
+        })
+        .map(|(envelope, e)| {
+            let r = &e.request;
+            let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+            let what = if let Some(sql) = r["sql"].as_str() {
+                sql.to_owned()
+            } else if r["verb"].is_string() {
+                format!(
+                    "{} {} {}",
+                    text(&r["verb"]),
+                    text(&r["resource"]),
+                    text(&r["name"])
+                )
+            } else if r["path"].is_string() {
+                format!("{} {}", text(&r["method"]), text(&r["path"]))
+            } else if r["startup"] == true {
+                "session start".to_owned()
+            } else {
+                String::new()
+            };
+            let who = e
+                .identity
+                .as_ref()
+                .and_then(|i| i["email"].as_str().or(i["subject"].as_str()))
+                .unwrap_or("-");
+            let mut outcome = match e.kind {
+                EventKind::Decision | EventKind::Held => e.decision.clone(),
+                EventKind::Completed => match (e.status, e.rows_affected, e.rows_returned) {
+                    (Some(status), _, _) => format!("done {status}"),
+                    (None, Some(n), _) => format!("done, {n} rows changed"),
+                    (None, None, Some(n)) => format!("done, {n} rows"),
+                    _ => "done".to_owned(),
+                },
+                EventKind::Restart => match &e.resumed {
+                    Some(r) if r.clean => "after a clean stop".to_owned(),
+                    _ => "after a crash".to_owned(),
+                },
+                _ => String::new(),
+            };
+            if let Some(rule) = &e.rule {
+                outcome.push_str(&format!(" rule {rule}"));
+            }
+            if let Some(approval) = &e.approval {
+                outcome.push_str(&format!(" ({approval})"));
+            }
+            if let Some(reason) = &e.reason {
+                outcome.push_str(&format!(": {reason}"));
+            }
+            let masked: u64 = e.masked.values().sum();
+            if masked > 0 {
+                outcome.push_str(&format!(" [{masked} values masked]"));
+            }
+            format!(
+                "{}  #{}  {:<9}  {}  {who}  {what}  -> {outcome}",
+                envelope.time,
+                envelope.seq,
+                format!("{:?}", e.kind).to_lowercase(),
+                if e.connection.is_empty() {
+                    "-"
+                } else {
+                    &e.connection
+                },
+            )
+        })
+        .collect()
+}
+
 /// What `audit verify` prints for a trail that verifies, or why it does not.
 fn verify_report(text: &str, head: Option<&Head>) -> Result<String, Failure> {
     let verified = agentgate_crds::audit::verify(text, head).map_err(|e| Failure {
@@ -181,7 +278,27 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    // Reading a trail against a given head needs no cluster.
+    // Reading a trail needs no cluster.
+    if let Command::Audit {
+        command:
+            AuditCommand::Replay {
+                file,
+                request_id,
+                identity,
+            },
+    } = &cli.command
+    {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| Failure::config(format!("cannot read {}: {e}", file.display())))?;
+        let verified = agentgate_crds::audit::verify(&text, None).map_err(|e| Failure {
+            code: 1,
+            reason: format!("the trail does not verify, so it is not replayed: {e}"),
+        })?;
+        for line in timeline(&verified, request_id.as_deref(), identity.as_deref()) {
+            println!("{line}");
+        }
+        return Ok(());
+    }
     if let Command::Audit {
         command:
             AuditCommand::Verify {
@@ -466,5 +583,49 @@ mod tests {
         let failure = verify_report(&edited, None).unwrap_err();
         assert!(failure.reason.contains("line 2 (seq"), "{}", failure.reason);
         assert!(parse_head("12").is_err());
+    }
+
+    #[test]
+    fn replay_tells_each_event_in_words() {
+        let mut head = Head::genesis();
+        let mut trail = String::new();
+        let events = [
+            serde_json::json!({ "kind": "decision", "requestId": "r1", "connection": "db",
+                "identity": { "subject": "u1", "email": "carol@example.com" },
+                "request": { "sql": "DELETE FROM orders WHERE id = $1" },
+                "decision": "allow", "rule": "deletes", "approval": "apr-x", "reason": "approved in apr-x" }),
+            serde_json::json!({ "kind": "completed", "requestId": "r1", "connection": "db",
+                "identity": { "subject": "u1", "email": "carol@example.com" },
+                "request": { "sql": "DELETE FROM orders WHERE id = $1" }, "rowsAffected": 1 }),
+            serde_json::json!({ "kind": "decision", "requestId": "r2", "connection": "api",
+                "request": { "method": "GET", "path": "/x" }, "decision": "deny", "reason": "no rule" }),
+        ];
+        for e in events {
+            let event: AuditEvent = serde_json::from_value(e).unwrap();
+            let (line, next) = chain_line(&head, "2026-12-06T00:00:00Z".into(), &event).unwrap();
+            trail.push_str(&line);
+            head = next;
+        }
+        let verified = agentgate_crds::audit::verify(&trail, None).unwrap();
+        let all = timeline(&verified, None, None);
+        assert_eq!(all.len(), 3);
+        assert!(
+            all[0].contains("carol@example.com")
+                && all[0].contains("DELETE FROM orders")
+                && all[0].contains("allow rule deletes (apr-x)"),
+            "{}",
+            all[0]
+        );
+        assert!(all[1].contains("1 rows changed"), "{}", all[1]);
+        assert!(
+            all[2].contains("GET /x") && all[2].contains("deny: no rule"),
+            "{}",
+            all[2]
+        );
+        assert_eq!(timeline(&verified, Some("r2"), None).len(), 1);
+        assert_eq!(
+            timeline(&verified, None, Some("carol@example.com")).len(),
+            2
+        );
     }
 }

@@ -440,5 +440,7 @@ pub(crate) fn identity_json(identity: Option<&Identity>) -> Option<serde_json::V
     identity.map(|i| json!({ "issuer": i.issuer, "subject": i.subject, "email": i.email }))
 }
 
+pub(crate) mod trace;
+
 #[cfg(test)]
 mod tests;

@@ -717,6 +717,22 @@ async fn the_audit_chain_goes_on_across_restarts_and_marks_a_crash() {
     let mut s = setup().await;
     let token = s.token();
     let mut answered = Vec::new();
+    // The agent names the prompt and the tool call behind its request.
+    let req = Request::get("/echo")
+        .header("proxy-authorization", format!("Bearer {token}"))
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .header("x-agentgate-prompt-id", "prompt-42")
+        .header("x-agentgate-tool-call-id", "toolu_7")
+        .body(full(""))
+        .unwrap();
+    let (_, headers, _) = plain_request(s.port, req).await.unwrap();
+    let traced = headers["x-agentgate-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     for _ in 0..10 {
         let (status, _, id) = s.get("/echo", &token).await.unwrap();
         assert_eq!(status, 200);
@@ -788,6 +804,20 @@ async fn the_audit_chain_goes_on_across_restarts_and_marks_a_crash() {
         "a clean stop, its restart, then a crash boundary"
     );
     assert_eq!(verified.crashes, 1);
+    let traced = verified
+        .events
+        .iter()
+        .find(|l| l.envelope.event.request_id == traced)
+        .unwrap();
+    assert_eq!(
+        traced.envelope.event.trace.prompt_id.as_deref(),
+        Some("prompt-42")
+    );
+    assert_eq!(
+        traced.envelope.event.trace.tool_call_id.as_deref(),
+        Some("toolu_7")
+    );
+    assert!(traced.envelope.event.trace.traceparent.is_some());
     for id in &answered {
         assert!(
             verified

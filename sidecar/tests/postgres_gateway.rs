@@ -347,9 +347,23 @@ async fn psql_reads_pass_writes_and_ddl_are_denied_results_are_masked() {
     );
     assert!(!o.status.success());
 
+    // A statement can name the prompt and tool call that made it (sqlcommenter).
+    let o = s.psql(
+        &[
+            "-c",
+            "SELECT 1 /*traceparent='00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01',prompt_id='prompt-42',tool_call_id='toolu_7'*/",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+
     assert_nothing_leaked(&s, &seen);
     let audit = s.sidecar.audit();
     verify(&audit, None).unwrap();
+    assert!(
+        audit.contains("\"trace\":{\"traceparent\":\"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\",\"promptId\":\"prompt-42\",\"toolCallId\":\"toolu_7\"}"),
+        "{audit}"
+    );
     let events: Vec<Value> = audit
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

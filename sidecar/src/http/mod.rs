@@ -140,6 +140,12 @@ impl Front {
             Err(refusal) => return self.refuse(record, protocol, refusal),
         };
 
+        record.event.trace = crate::pipeline::trace::from_pairs(
+            req.headers()
+                .iter()
+                .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?))),
+        );
+
         // 2. classify
         let target = match classify(protocol, &req) {
             Ok(t) => t,

@@ -627,6 +627,7 @@ impl AgentHalf {
         let runtime = gw.config.load_full();
         let mut record = self.record(summary(sql));
         record.event.parameters = parameters.map(<[String]>::to_vec);
+        record.event.trace = crate::pipeline::trace::from_sql(text);
         let span = tracing::info_span!("statement", request_id = %record.event.request_id);
         // A FETCH is decided as what its cursor reads.
         let with_cursors = match self.with_cursors(sql).await {
