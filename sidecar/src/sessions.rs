@@ -271,15 +271,12 @@ async fn create(
     reporting: &Reporting,
     identity: Option<RequesterIdentity>,
 ) -> Result<String, kube::Error> {
-    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyz23456789";
-    let mut raw = [0u8; 6];
-    let _ = getrandom::fill(&mut raw);
-    let suffix: String = raw
-        .iter()
-        .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
-        .collect();
     let pod: String = reporting.agent.pod.chars().take(48).collect();
-    let name = format!("{}-{suffix}", pod.trim_end_matches(['-', '.']));
+    let name = format!(
+        "{}-{}",
+        pod.trim_end_matches(['-', '.']),
+        crate::approval::kubernetes::name_suffix()
+    );
     let labels = [(
         POD_LABEL.to_owned(),
         reporting.agent.pod.chars().take(63).collect::<String>(),

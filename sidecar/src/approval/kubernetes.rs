@@ -624,14 +624,18 @@ impl Settle {
 
 /// `apr-` and six random lower-case letters and digits: short enough to type.
 fn approval_name() -> String {
+    format!("apr-{}", name_suffix())
+}
+
+/// Six random lower-case letters and digits (none that read alike) for an object's
+/// name: short enough to type.
+pub(crate) fn name_suffix() -> String {
     const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyz23456789";
     let mut raw = [0u8; 6];
     let _ = getrandom::fill(&mut raw);
-    let suffix: String = raw
-        .iter()
+    raw.iter()
         .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
-        .collect();
-    format!("apr-{suffix}")
+        .collect()
 }
 
 fn truncate(text: &str, max: usize) -> String {
