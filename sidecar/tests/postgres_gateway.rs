@@ -360,6 +360,20 @@ async fn psql_reads_pass_writes_and_ddl_are_denied_results_are_masked() {
     assert_nothing_leaked(&s, &seen);
     let audit = s.sidecar.audit();
     verify(&audit, None).unwrap();
+    // Each statement's events name the database session they ran in.
+    let session_ids: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"session\""))
+        .filter_map(|l| l.split("\"requestId\":\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(!session_ids.is_empty());
+    assert!(
+        audit.lines().any(|l| l.contains("\"kind\":\"completed\"")
+            && session_ids
+                .iter()
+                .any(|id| l.contains(&format!("\"sessionId\":\"{id}\"")))),
+        "{audit}"
+    );
     assert!(
         audit.contains("\"trace\":{\"traceparent\":\"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\",\"promptId\":\"prompt-42\",\"toolCallId\":\"toolu_7\"}"),
         "{audit}"

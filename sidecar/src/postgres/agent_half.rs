@@ -45,6 +45,8 @@ pub(super) struct AgentHalf {
     pub(super) connection: Arc<str>,
     pub(super) identity: Option<agentgate_policy::Identity>,
     pub(super) identity_json: Option<serde_json::Value>,
+    /// The id of the session's `session` event.
+    pub(super) session_id: String,
     pub(super) server: tokio::io::WriteHalf<Box<dyn super::upstream::PgStream>>,
     pub(super) tx: mpsc::Sender<Pending>,
     /// What the server confirmed.
@@ -570,6 +572,7 @@ impl AgentHalf {
     fn record(&self, request: serde_json::Value) -> Record {
         let mut record = self.front.gateway.record(&self.connection, request);
         record.event.identity = self.identity_json.clone();
+        record.event.session_id = Some(self.session_id.clone());
         record
     }
 
