@@ -105,6 +105,29 @@ fn parse_fsync(s: &str) -> Result<Fsync, String> {
     }
 }
 
+/// The largest line an event is written as; a larger event is recorded without its
+/// bulk (see [`slimmed`]). Far below what the spool reads back when it starts.
+const MAX_EVENT_BYTES: usize = 256 << 10;
+
+/// `event` without what made it `size` bytes: the request as its kind and fingerprint,
+/// no parameters, the reason cut to 1 KiB.
+fn slimmed(event: &AuditEvent, size: usize) -> AuditEvent {
+    let mut slim = event.clone();
+    let keep = |key: &str| event.request.get(key).cloned();
+    slim.request = serde_json::json!({
+        "cutFromBytes": size,
+        "method": keep("method"),
+        "verb": keep("verb"),
+        "fingerprint": keep("fingerprint"),
+    });
+    slim.parameters = slim
+        .parameters
+        .map(|p| vec![format!("<{} parameters>", p.len())]);
+    slim.reason = slim.reason.map(|r| r.chars().take(1024).collect());
+    slim.impact = None;
+    slim
+}
+
 /// Events the writer may lag behind by; a request waits for room past it.
 const QUEUE: usize = 8192;
 /// Events written in one batch at most.
@@ -384,17 +407,23 @@ impl Writer {
         let mut observed: Vec<(Box<AuditEvent>, Head)> = Vec::new();
         let mut closed = None;
         let time = Timestamp::now().to_string();
-        let append = |event: &AuditEvent, head: &mut Head, lines: &mut String| match chain_line(
-            head,
-            time.clone(),
-            event,
-        ) {
-            Ok((line, next)) => {
-                lines.push_str(&line);
-                *head = next;
-                Ok(head.seq)
+        let append = |event: &AuditEvent, head: &mut Head, lines: &mut String| {
+            let chained = chain_line(head, time.clone(), event).and_then(|(line, next)| {
+                if line.len() <= MAX_EVENT_BYTES {
+                    return Ok((line, next));
+                }
+                // An event this large (a statement of megabytes, thousands of
+                // parameters) is recorded without its bulk, saying so.
+                chain_line(head, time.clone(), &slimmed(event, line.len()))
+            });
+            match chained {
+                Ok((line, next)) => {
+                    lines.push_str(&line);
+                    *head = next;
+                    Ok(head.seq)
+                }
+                Err(e) => Err(AuditError::Io(e.to_string())),
             }
-            Err(e) => Err(AuditError::Io(e.to_string())),
         };
         for job in batch {
             match job {
@@ -465,5 +494,47 @@ impl Writer {
             }
         }
         closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_of_megabytes_is_written_without_its_bulk() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = AuditSettings {
+            sinks: vec![Sink::File(dir.path().join("audit.jsonl"))],
+            spool: dir.path().join("spool"),
+            max_spool_bytes: 64 << 20,
+            segment_bytes: 16 << 20,
+            fsync: Fsync::Never,
+        };
+        let audit = Audit::open(&settings, &Metrics::new(), AuditEvent::default(), None).unwrap();
+        let huge = AuditEvent {
+            request: serde_json::json!({ "sql": "x".repeat(4 << 20), "fingerprint": "f1" }),
+            parameters: Some(vec!["p".repeat(200); 30_000]),
+            ..Default::default()
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(audit.durable(&huge)).unwrap();
+        audit.close(Duration::from_secs(5));
+        let trail = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        let verified = agentgate_crds::audit::verify(&trail, None).unwrap();
+        let written = &verified.events[0].envelope.event;
+        assert!(trail.lines().all(|l| l.len() <= MAX_EVENT_BYTES));
+        assert_eq!(written.request["fingerprint"], "f1");
+        assert!(written.request["cutFromBytes"].as_u64().unwrap() > 4 << 20);
+        assert_eq!(
+            written.parameters.as_deref(),
+            Some(&["<30000 parameters>".to_owned()][..])
+        );
+        // A sidecar starting on it takes the chain up.
+        drop(audit);
+        let again = journal::Journal::open(&settings.spool, settings.segment_bytes).unwrap();
+        assert_eq!(again.journal.head().seq, verified.head.seq);
     }
 }
