@@ -19,7 +19,7 @@ mod sinks;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -254,6 +254,7 @@ impl Audit {
             fsync: settings.fsync,
             max_bytes: settings.max_spool_bytes,
             last_sync: Instant::now(),
+            unsynced: false,
             written: written.clone(),
             delivered: delivered.iter().map(|(_, c)| c.clone()).collect(),
             metrics: metrics.clone(),
@@ -365,6 +366,8 @@ struct Writer {
     fsync: Fsync,
     max_bytes: u64,
     last_sync: Instant,
+    /// Written since the last fsync.
+    unsynced: bool,
     written: Arc<Written>,
     delivered: Vec<Arc<AtomicU64>>,
     metrics: Metrics,
@@ -375,7 +378,28 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
-        while let Ok(first) = self.rx.recv() {
+        loop {
+            // With `--audit-fsync <interval>`, what was written is fsynced within the
+            // interval even when no later batch comes to do it.
+            let first = match (self.fsync, self.unsynced) {
+                (Fsync::Every(interval), true) => {
+                    let left = interval.saturating_sub(self.last_sync.elapsed());
+                    match self.rx.recv_timeout(left) {
+                        Ok(job) => job,
+                        Err(RecvTimeoutError::Timeout) => {
+                            if let Err(e) = self.sync() {
+                                tracing::error!(error = %e, "the audit spool cannot be synced");
+                            }
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+                _ => match self.rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                },
+            };
             let mut batch = vec![first];
             while batch.len() < BATCH {
                 match self.rx.try_recv() {
@@ -388,6 +412,16 @@ impl Writer {
                 return;
             }
         }
+    }
+
+    /// Fsyncs what was written since the last fsync.
+    fn sync(&mut self) -> Result<(), AuditError> {
+        self.journal
+            .sync()
+            .map_err(|e| AuditError::Io(e.to_string()))?;
+        self.last_sync = Instant::now();
+        self.unsynced = false;
+        Ok(())
     }
 
     /// Writes one batch; returns the closer when it held a `Close`.
@@ -463,12 +497,9 @@ impl Writer {
                 Fsync::Never => false,
                 Fsync::Every(interval) => closed.is_some() || self.last_sync.elapsed() >= interval,
             };
+            self.unsynced |= outcome.is_ok();
             if outcome.is_ok() && sync {
-                outcome = self
-                    .journal
-                    .sync()
-                    .map_err(|e| AuditError::Io(e.to_string()));
-                self.last_sync = Instant::now();
+                outcome = self.sync();
             }
             if let Err(e) = &outcome {
                 self.metrics
