@@ -116,6 +116,10 @@ impl Journal {
         let mut head = agentgate_crds::audit::Head::genesis();
         let mut resumed = None;
         let mut bytes = 0;
+        // The chain's last event: in the newest segment that holds one (the newest may
+        // have just been started, empty, when the previous run stopped).
+        let mut newest = None;
+        let mut truncated_bytes = 0;
         for (i, (first_seq, path)) in found.iter().enumerate() {
             let last = i + 1 == found.len();
             let mut file = OpenOptions::new().read(true).write(last).open(path)?;
@@ -123,6 +127,7 @@ impl Journal {
             let mut len = file.metadata()?.len();
             if last && partial > 0 {
                 // Never acknowledged: nothing the agent was told depends on it.
+                truncated_bytes = partial;
                 len -= partial;
                 file.set_len(len)?;
                 file.sync_all()?;
@@ -140,17 +145,9 @@ impl Journal {
                             path.display()
                         ))
                     })?;
-                    if last {
-                        resumed = Some(Resumed {
-                            clean: checked.envelope.event.kind == EventKind::Shutdown,
-                            truncated_bytes: partial,
-                        });
-                        head = Head {
-                            seq: checked.envelope.seq,
-                            hash: checked.hash,
-                        };
-                    }
-                    checked.envelope.seq
+                    let seq = checked.envelope.seq;
+                    newest = Some(checked);
+                    seq
                 }
                 None => first_seq.saturating_sub(1),
             };
@@ -161,6 +158,16 @@ impl Journal {
                 last_seq,
                 bytes: len,
             });
+        }
+        if let Some(checked) = newest {
+            resumed = Some(Resumed {
+                clean: checked.envelope.event.kind == EventKind::Shutdown,
+                truncated_bytes,
+            });
+            head = Head {
+                seq: checked.envelope.seq,
+                hash: checked.hash,
+            };
         }
         if segments.is_empty() {
             let path = segment_path(dir, 1);
@@ -354,5 +361,56 @@ impl Reader {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentgate_crds::audit::{AuditEvent, EventKind, chain_line};
+
+    fn append(journal: &mut Journal, kind: EventKind) {
+        let head = journal.head().clone();
+        let event = AuditEvent {
+            kind,
+            ..AuditEvent::default()
+        };
+        let (line, next) = chain_line(&head, "t".into(), &event).unwrap();
+        journal.append(&line, head.seq + 1, next).unwrap();
+    }
+
+    #[test]
+    fn a_spool_whose_newest_segment_is_empty_goes_on_from_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 64).unwrap().journal;
+        append(&mut journal, EventKind::Decision);
+        // The segment is full: the next one is started, empty, and the sidecar stops
+        // before writing to it.
+        append(&mut journal, EventKind::Shutdown);
+        let head = journal.head().clone();
+        assert_eq!(
+            list(dir.path()).unwrap().len(),
+            3,
+            "an empty segment was started"
+        );
+        drop(journal);
+        let opened = Journal::open(dir.path(), 64).unwrap();
+        assert_eq!(
+            opened.journal.head(),
+            &head,
+            "the chain goes on, not from 0"
+        );
+        let resumed = opened.resumed.expect("an existing spool is resumed");
+        assert!(resumed.clean, "its last event was a shutdown");
+        let mut journal = opened.journal;
+        append(&mut journal, EventKind::Restart);
+        assert_eq!(journal.head().seq, 3);
+        let text: String = list(dir.path())
+            .unwrap()
+            .iter()
+            .map(|(_, p)| std::fs::read_to_string(p).unwrap())
+            .collect();
+        let verified = agentgate_crds::audit::verify(&text, None).unwrap();
+        assert_eq!(verified.events.len(), 3);
     }
 }
