@@ -148,7 +148,7 @@ fn gateway(dir: &std::path::Path, hook: Arc<Hook>) -> Gateway {
             &AuditSettings {
                 sinks: vec![Sink::File(dir.join("audit.jsonl"))],
                 spool: dir.join("spool"),
-                max_spool_bytes: 1 << 20,
+                max_spool_bytes: 2 << 20,
                 segment_bytes: 1 << 20,
                 fsync: Fsync::Never,
             },
