@@ -277,8 +277,11 @@ pub(crate) struct Reader {
     dir: PathBuf,
     /// The segment being read, its first sequence, and the offset read up to.
     open: Option<(File, u64, u64)>,
-    /// The last sequence handed out.
+    /// The last sequence delivered: the caller moves it once a sink has taken what
+    /// was handed out.
     pub(crate) delivered: u64,
+    /// The last sequence handed out (read past in `open`).
+    handed_out: u64,
     buf: Vec<u8>,
 }
 
@@ -295,14 +298,29 @@ impl Reader {
             dir: dir.to_owned(),
             open: None,
             delivered,
+            handed_out: delivered,
             buf: Vec::new(),
         }
     }
 
     /// Up to `max` lines after `self.delivered` and at most `until`, in order. Empty
     /// when there is nothing new. Does not advance `delivered`: the caller does, once
-    /// the lines are delivered.
+    /// the lines are delivered; lines it did not take (the sink failed) are handed out
+    /// again.
     pub(crate) fn next(&mut self, until: u64, max: usize) -> io::Result<Vec<String>> {
+        if self.handed_out != self.delivered {
+            // Read again from the start of the segment holding what comes next.
+            self.open = None;
+            self.handed_out = self.delivered;
+        }
+        let out = self.read(until, max)?;
+        if let Some(last) = out.last().and_then(|l| seq_of(l)) {
+            self.handed_out = last;
+        }
+        Ok(out)
+    }
+
+    fn read(&mut self, until: u64, max: usize) -> io::Result<Vec<String>> {
         let mut out = Vec::new();
         let mut want = self.delivered + 1;
         while out.len() < max && want <= until {
@@ -412,5 +430,24 @@ mod tests {
             .collect();
         let verified = agentgate_crds::audit::verify(&text, None).unwrap();
         assert_eq!(verified.events.len(), 3);
+    }
+
+    #[test]
+    fn lines_a_sink_did_not_take_are_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 1 << 20).unwrap().journal;
+        for _ in 0..5 {
+            append(&mut journal, EventKind::Decision);
+        }
+        let mut reader = Reader::new(dir.path(), 0);
+        let seqs =
+            |lines: Vec<String>| lines.iter().map(|l| seq_of(l).unwrap()).collect::<Vec<_>>();
+        assert_eq!(seqs(reader.next(5, 2).unwrap()), vec![1, 2]);
+        // The sink failed to deliver them: the next read hands them out again.
+        assert_eq!(seqs(reader.next(5, 2).unwrap()), vec![1, 2]);
+        reader.delivered = 2;
+        assert_eq!(seqs(reader.next(5, 2).unwrap()), vec![3, 4]);
+        reader.delivered = 4;
+        assert_eq!(seqs(reader.next(5, 2).unwrap()), vec![5]);
     }
 }
