@@ -199,6 +199,7 @@ pub async fn run(
     let metrics = Metrics::new();
     let audit = Audit::open(
         &settings.audit,
+        settings.extra_ca_file.as_deref(),
         &metrics,
         agentgate_crds::audit::AuditEvent {
             pod: settings.pod_name.clone(),

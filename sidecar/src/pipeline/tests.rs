@@ -151,7 +151,9 @@ fn gateway(dir: &std::path::Path, hook: Arc<Hook>) -> Gateway {
                 max_spool_bytes: 2 << 20,
                 segment_bytes: 1 << 20,
                 fsync: Fsync::Never,
+                remote: Default::default(),
             },
+            None,
             &metrics,
             AuditEvent::default(),
         )
