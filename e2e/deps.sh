@@ -40,3 +40,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+# The Azure Blob audit sink's tests run Azurite (a real implementation of the Blob
+# API) from npm, installed outside the work tree at a path the tests know:
+# ~/.cache/agentgate/npm/bin/azurite-blob (AGENTGATE_NPM_PREFIX overrides the prefix).
+AZURITE_VERSION=3.37.0
+npm_prefix="${AGENTGATE_NPM_PREFIX:-$HOME/.cache/agentgate/npm}"
+if ! "$npm_prefix/bin/azurite-blob" --version 2>/dev/null | grep -qx "$AZURITE_VERSION"; then
+  if ! command -v npm >/dev/null; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    log "installing nodejs npm"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nodejs npm
+  fi
+  log "installing azurite@$AZURITE_VERSION into $npm_prefix"
+  mkdir -p "$npm_prefix"
+  npm install --global --prefix "$npm_prefix" --no-fund --no-audit --loglevel=error "azurite@$AZURITE_VERSION" >&2
+fi

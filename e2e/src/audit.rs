@@ -16,18 +16,23 @@ pub fn last_seq(text: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The last sequence number written to the spool in `spool` (its newest segment).
+/// The last sequence number written to the spool in `spool`: in its newest segment
+/// that holds an event (the newest one may have just been started, empty).
 pub fn spool_seq(spool: &Path) -> u64 {
-    let newest = std::fs::read_dir(spool)
+    let mut segments: Vec<_> = std::fs::read_dir(spool)
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .max();
-    newest
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .map_or(0, |t| last_seq(&t))
+        .collect();
+    segments.sort();
+    segments
+        .iter()
+        .rev()
+        .map(|p| std::fs::read_to_string(p).map_or(0, |t| last_seq(&t)))
+        .find(|seq| *seq > 0)
+        .unwrap_or(0)
 }
 
 /// The file sink `sink` once it has caught up with the spool `spool` and neither moved

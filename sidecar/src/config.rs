@@ -78,8 +78,9 @@ pub struct Settings {
     #[command(flatten)]
     pub audit: AuditSettings,
 
-    /// Extra CA certificates (PEM) trusted for identity providers and upstreams, on top of
-    /// the system roots.
+    /// Extra CA certificates (PEM) trusted for identity providers, upstreams and the
+    /// audit sinks that speak TLS (an HTTP collector, Azure Blob), on top of the system
+    /// roots.
     #[arg(long, env = "AGENTGATE_EXTRA_CA_FILE")]
     pub extra_ca_file: Option<PathBuf>,
 

@@ -221,6 +221,7 @@ pub async fn run(
     let sessions = Arc::new(sessions::Sessions::new(&sinks.join(",")));
     let audit = Audit::open(
         &settings.audit,
+        settings.extra_ca_file.as_deref(),
         &metrics,
         agentgate_crds::audit::AuditEvent {
             pod: settings.pod_name.clone(),

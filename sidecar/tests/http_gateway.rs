@@ -712,6 +712,81 @@ fn bad_settings_exit_64_with_a_reason() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("AGENTGATE_BUNDLE"));
 }
 
+#[test]
+fn remote_sinks_that_cannot_be_set_up_stop_the_sidecar_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "s3cret-key-material-never-shown";
+    std::fs::write(dir.path().join("not-base64"), format!("{secret}!")).unwrap();
+    std::fs::write(dir.path().join("token"), format!("{secret}\n")).unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let blob = "azureblob:https://acct.blob.core.windows.net/audit/agents/pod-1";
+    let spool = path("spool");
+    for (args, why) in [
+        (
+            vec!["--audit", blob, "--audit-azure-auth", "workload-identity"],
+            "not implemented yet",
+        ),
+        (vec!["--audit", blob], "needs --audit-azure-key-file"),
+        (
+            vec![
+                "--audit",
+                blob,
+                "--audit-azure-key-file",
+                &path("not-base64"),
+            ],
+            "does not hold a base64 account key",
+        ),
+        (
+            vec!["--audit", blob, "--audit-azure-key-file", &path("missing")],
+            "cannot read the key file",
+        ),
+        (
+            vec![
+                "--audit",
+                "http://collector.example/ingest",
+                "--audit-http-token-file",
+                &path("token"),
+            ],
+            "needs an https:// collector",
+        ),
+        (
+            vec![
+                "--audit",
+                "https://collector.example/ingest",
+                "--audit-http-token-file",
+                &path("missing"),
+            ],
+            "cannot read the token file",
+        ),
+        (
+            vec![
+                "--audit",
+                &format!("https://collector.example/ingest?key={secret}"),
+            ],
+            "cannot have a query",
+        ),
+        (
+            vec!["--audit", &format!("{blob}?sv=2021-12-02&sig={secret}")],
+            "a SAS is not supported",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentgate-sidecar"))
+            .args(&args)
+            .args(["--audit-spool", &spool, "--admin-addr", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+        assert!(!stderr.contains(secret), "{stderr}");
+    }
+    assert!(
+        !dir.path().join("spool").exists(),
+        "a sink that cannot be set up is found before the spool is touched"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_chain_goes_on_across_restarts_and_marks_a_crash() {
     let mut s = setup().await;
@@ -912,4 +987,594 @@ async fn a_sink_that_is_down_fills_the_spool_and_requests_wait_for_it_not_the_tr
         })
         .count();
     assert!(segments <= 2, "{segments} segments left in the spool");
+}
+
+/// Four agents sending GETs through the sidecar, each at most one every 10 ms, until
+/// `stop` (or 40 s): each returns how many were answered 200. A sidecar that is down
+/// meanwhile is waited for.
+fn load(
+    port: u16,
+    token: &str,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    (0..4)
+        .map(|_| {
+            let (token, stop) = (token.to_owned(), stop.clone());
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(40);
+                let mut answered = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline
+                {
+                    let req = Request::get("/echo")
+                        .header("proxy-authorization", format!("Bearer {token}"))
+                        .body(full(""))
+                        .unwrap();
+                    if let Ok((200, _, _)) = plain_request(port, req).await {
+                        answered += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                answered
+            })
+        })
+        .collect()
+}
+
+/// The segment files in a spool, and their bytes.
+fn spool_size(spool: &std::path::Path) -> (usize, u64) {
+    std::fs::read_dir(spool)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .fold((0, 0), |(n, bytes), p| {
+            (n + 1, bytes + std::fs::metadata(p).map_or(0, |m| m.len()))
+        })
+}
+
+/// Waits (up to 60 s: a sink that was down for long retries every 30 s at most) until
+/// `delivered()` says the sink holds the spool's last event.
+async fn until_delivered(s: &Setup, what: &str, mut delivered: impl AsyncFnMut() -> u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let head = agentgate_e2e::audit::spool_seq(&s.sidecar.path("spool"));
+        let got = delivered().await;
+        if head > 0 && got == head {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} holds seq {got} of {head}:\n{}",
+            s.sidecar.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+const COLLECTOR_TOKEN: &str = "collector-token-8d1e77c04b";
+
+/// What the collector written here received, as it came: nothing is dropped, so a
+/// batch sent twice would be there twice.
+#[derive(Default)]
+struct Received {
+    text: String,
+    batches: usize,
+    problems: Vec<String>,
+}
+
+/// An HTTP audit collector over HTTPS, that can be stopped and started again on its
+/// port.
+struct Collector {
+    port: u16,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    received: std::sync::Arc<std::sync::Mutex<Received>>,
+    running: Option<(
+        tokio::task::JoinHandle<()>,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    )>,
+}
+
+async fn collect(
+    req: Request<Incoming>,
+    received: &std::sync::Mutex<Received>,
+    down: &std::sync::atomic::AtomicBool,
+) -> Response<TestBody> {
+    let status = |code: u16| {
+        Response::builder()
+            .status(code)
+            .header("connection", "close")
+            .body(full(""))
+            .unwrap()
+    };
+    if down.load(std::sync::atomic::Ordering::SeqCst) {
+        return status(503);
+    }
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    if header("authorization") != Some(format!("Bearer {COLLECTOR_TOKEN}")) {
+        return status(401);
+    }
+    let mut problems = Vec::new();
+    if req.method() != "POST" || req.uri().path() != "/ingest" {
+        problems.push(format!("{} {}", req.method(), req.uri()));
+    }
+    if header("content-type").as_deref() != Some("application/x-ndjson") {
+        problems.push(format!("content-type {:?}", header("content-type")));
+    }
+    let (first, last) = (
+        header("x-agentgate-first-seq"),
+        header("x-agentgate-last-seq"),
+    );
+    let Ok(body) = req.into_body().collect().await else {
+        return status(400);
+    };
+    let text = String::from_utf8(body.to_bytes().to_vec()).unwrap();
+    let first_in_body = text
+        .lines()
+        .next()
+        .map(|l| agentgate_e2e::audit::last_seq(&format!("{l}\n")));
+    if first.and_then(|f| f.parse().ok()) != first_in_body
+        || last.and_then(|l| l.parse().ok()) != Some(agentgate_e2e::audit::last_seq(&text))
+    {
+        problems.push("the seq headers do not name the batch's ends".into());
+    }
+    let mut r = received.lock().unwrap();
+    r.text.push_str(&text);
+    r.batches += 1;
+    r.problems.extend(problems);
+    status(200)
+}
+
+impl Collector {
+    async fn start(pki: &Pki) -> Self {
+        let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![pki.cert_der.clone().into()],
+            rustls::pki_types::PrivateKeyDer::try_from(pki.key_der.clone()).unwrap(),
+        )
+        .unwrap();
+        let mut collector = Self {
+            port: free_port(),
+            tls: std::sync::Arc::new(tls),
+            received: Default::default(),
+            running: None,
+        };
+        collector.start_again().await;
+        collector
+    }
+
+    async fn start_again(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
+        let (received, d) = (self.received.clone(), down.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, received, down) = (acceptor.clone(), received.clone(), d.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |req| {
+                        let (received, down) = (received.clone(), down.clone());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(collect(req, &received, &down).await)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        self.running = Some((task, down));
+    }
+
+    /// Stops it: its port is closed, and what arrives on a connection still open is
+    /// answered 503 (and the connection closed), never stored.
+    fn stop(&mut self) {
+        let (task, down) = self.running.take().unwrap();
+        down.store(true, std::sync::atomic::Ordering::SeqCst);
+        task.abort();
+    }
+
+    fn text(&self) -> String {
+        self.received.lock().unwrap().text.clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_collector_that_was_down_gets_every_event_once_in_order() {
+    let started = Instant::now();
+    let pki = Pki::new();
+    let mut collector = Collector::start(&pki).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("collector-token");
+    std::fs::write(&token_file, format!("{COLLECTOR_TOKEN}\n")).unwrap();
+    let url = format!("https://127.0.0.1:{}/ingest", collector.port);
+    let mut s = setup_with(
+        &[
+            "--audit",
+            &url,
+            "--audit-http-token-file",
+            token_file.to_str().unwrap(),
+            "--audit-segment-bytes",
+            "16384",
+            "--audit-spool-max-bytes",
+            "67108864",
+            "--audit-sink-timeout",
+            "5s",
+        ],
+        // The sidecar trusts the collector's CA through --extra-ca-file.
+        |dir| {
+            let mut cas = std::fs::read_to_string(dir.join("extra-ca.pem")).unwrap();
+            cas.push_str(&pki.ca_pem);
+            std::fs::write(dir.join("extra-ca.pem"), cas).unwrap();
+        },
+    )
+    .await;
+    let token = s.token();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let agents = load(s.port, &token, &stop);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The collector goes away under load; the sidecar crashes and starts again while
+    // it is away (so where the sink stopped comes from its cursor in the spool).
+    collector.stop();
+    let outage = Instant::now();
+    let before = spool_size(&s.sidecar.path("spool"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.sidecar.stop("KILL");
+    s.sidecar.restart().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = spool_size(&s.sidecar.path("spool"));
+    let (_, metrics) = s.sidecar.admin("/metrics").await.unwrap();
+    collector.start_again().await;
+    let outage = outage.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answered = 0;
+    for agent in agents {
+        answered += agent.await.unwrap();
+    }
+    assert!(answered > 20, "only {answered} requests were answered");
+    assert!(
+        during.0 >= before.0 + 3,
+        "the spool did not grow while the collector was away: {before:?} → {during:?}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "agentgate_sidecar_audit_failures_total{{sink=\"{url}\"}}"
+        )),
+        "{metrics}"
+    );
+
+    let delivered = async || agentgate_e2e::audit::last_seq(&collector.text());
+    until_delivered(&s, "the collector", delivered).await;
+    // One more request, so the writer deletes what every sink has delivered.
+    assert_eq!(s.get("/echo", &token).await.unwrap().0, 200);
+    let delivered = async || agentgate_e2e::audit::last_seq(&collector.text());
+    until_delivered(&s, "the collector", delivered).await;
+
+    // Every event once, in order, from seq 1: byte for byte what the file sink holds,
+    // and a chain that verifies (an event twice is out of order).
+    let received = collector.text();
+    let verified = verify(&received, None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(verified.first_seq, 1);
+    assert_eq!(verified.crashes, 1, "the crash is in the trail");
+    let file = s.sidecar.audit();
+    assert!(
+        received == file,
+        "the collector's trail is not the file sink's"
+    );
+    let r = collector.received.lock().unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    // Delivered segments are gone from the spool again.
+    let after = spool_size(&s.sidecar.path("spool"));
+    assert!(after.0 <= 2, "the spool still holds {after:?}");
+    let log = s.sidecar.log();
+    assert!(log.contains("an audit sink failed"), "{log}");
+    for secret in [COLLECTOR_TOKEN, UPSTREAM_TOKEN] {
+        assert!(!log.contains(secret), "the log holds a secret");
+        assert!(!received.contains(secret), "the trail holds a secret");
+    }
+    eprintln!(
+        "collector: {} events in {} batches, 0 twice; {answered} requests answered; outage {outage:?}; spool {before:?} → {during:?} → {after:?}; {:?} in all",
+        verified.events.len(),
+        r.batches,
+        started.elapsed()
+    );
+}
+
+/// A TCP pass-through to `backend` that can hold what the connections open at that
+/// moment send on, until it is released — as a network that delivers a request late,
+/// after its sender gave up on it. Connections opened meanwhile pass at once.
+struct LateNetwork {
+    port: u16,
+    /// Connections numbered below `.0` are held while `.1`.
+    state: tokio::sync::watch::Sender<(u64, bool)>,
+    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LateNetwork {
+    async fn start(backend: u16) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (state, _) = tokio::sync::watch::channel((0, false));
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (states, n) = (state.clone(), next.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let id = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (reading, mut writing) = (states.subscribe(), states.subscribe());
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
+                    else {
+                        return;
+                    };
+                    let (mut client_rx, mut client_tx) = client.into_split();
+                    let (mut server_rx, mut server_tx) = server.into_split();
+                    let answers = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+                    });
+                    // What the client sends is read at once (a reset loses none of it)
+                    // and forwarded unless held. When a held client gives up, its TLS
+                    // close_notify (a lone 24-byte TLS 1.3 record) is not passed on:
+                    // Azurite (Node) drops a request whose sender closed before its
+                    // answer, where Azure carries out a request it received whole.
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, bool)>();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 << 10];
+                        // A held lone record that may be the close_notify: passed on only
+                        // if more follows.
+                        let mut maybe_close: Option<Vec<u8>> = None;
+                        while let Ok(n @ 1..) = client_rx.read(&mut buf).await {
+                            let (below, holding) = *reading.borrow();
+                            let held = holding && id < below;
+                            if let Some(bytes) = maybe_close.take()
+                                && tx.send((bytes, true)).is_err()
+                            {
+                                return;
+                            }
+                            let bytes = buf[..n].to_vec();
+                            if held && n == 24 && bytes.starts_with(&[0x17, 0x03, 0x03, 0x00, 19]) {
+                                maybe_close = Some(bytes);
+                            } else if tx.send((bytes, held)).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    while let Some((bytes, held)) = rx.recv().await {
+                        if held {
+                            let _ = writing.wait_for(|(_, holding)| !holding).await;
+                        }
+                        if server_tx.write_all(&bytes).await.is_err() {
+                            break;
+                        }
+                    }
+                    // The client is gone; what it sent is still answered.
+                    let _ = tokio::time::timeout(Duration::from_secs(10), answers).await;
+                });
+            }
+        });
+        Self { port, state, next }
+    }
+
+    /// Holds what the connections open now send on, until [`Self::release`].
+    fn hold(&self) {
+        let below = self.next.load(std::sync::atomic::Ordering::SeqCst);
+        self.state.send_replace((below, true));
+    }
+
+    fn release(&self) {
+        self.state.send_modify(|(_, holding)| *holding = false);
+    }
+}
+
+/// The last event in the blobs under `prefix`: in the newest one that holds one.
+async fn last_blob_seq(azurite: &support::azurite::Azurite, prefix: &str) -> u64 {
+    for name in azurite.list("audit", prefix).await.iter().rev() {
+        let seq = agentgate_e2e::audit::last_seq(&String::from_utf8_lossy(
+            &azurite.get("audit", name).await,
+        ));
+        if seq > 0 {
+            return seq;
+        }
+    }
+    0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_append_blobs_get_every_event_once_across_late_appends_an_outage_and_a_crash() {
+    let started = Instant::now();
+    let pki = Pki::new();
+    let mut azurite = tokio::task::block_in_place(|| support::azurite::Azurite::start(&pki));
+    azurite.create_container("audit").await;
+    let network = LateNetwork::start(azurite.port).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let key_file = secrets.path().join("azure-key");
+    azurite.write_key(&key_file);
+    let mut unique = [0u8; 4];
+    getrandom::fill(&mut unique).unwrap();
+    let prefix = format!("agents/claude-7f9c-{}", hex::encode(unique));
+    // The sidecar reaches Azurite through the late network (TLS end to end).
+    let url = format!(
+        "azureblob:https://127.0.0.1:{}/{}/audit/{prefix}",
+        network.port, azurite.account
+    );
+    let mut s = setup_with(
+        &[
+            "--audit",
+            &url,
+            "--audit-azure-key-file",
+            key_file.to_str().unwrap(),
+            "--audit-azure-max-blob-bytes",
+            "1048576",
+            "--audit-sink-timeout",
+            "3s",
+            "--audit-segment-bytes",
+            "16384",
+            "--audit-spool-max-bytes",
+            "67108864",
+        ],
+        |dir| {
+            let mut cas = std::fs::read_to_string(dir.join("extra-ca.pem")).unwrap();
+            cas.push_str(&pki.ca_pem);
+            std::fs::write(dir.join("extra-ca.pem"), cas).unwrap();
+        },
+    )
+    .await;
+    let token = s.token();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let agents = load(s.port, &token, &stop);
+    let delivered = async || last_blob_seq(&azurite, &prefix).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while delivered().await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing delivered:\n{}",
+            s.sidecar.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // An append arrives late: the sink's connection is held, so its append times out;
+    // the sink reads where the blob ends and goes on on a new connection; only then
+    // does the first append reach Azurite, at a position that has passed.
+    let timeouts = || s.sidecar.log().matches("no answer within").count();
+    let mut tries = 0;
+    loop {
+        let (before, held_at) = (timeouts(), delivered().await);
+        network.hold();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while timeouts() == before {
+            assert!(
+                Instant::now() < deadline,
+                "nothing timed out:\n{}",
+                s.sidecar.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let log = s.sidecar.log();
+        let held = log
+            .lines()
+            .rfind(|l| l.contains("no answer within"))
+            .unwrap()
+            .to_owned();
+        if held.contains("Append Block") {
+            while delivered().await <= held_at {
+                assert!(Instant::now() < deadline, "the sink did not go on:\n{log}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            network.release();
+            break;
+        }
+        // What was held was not an append (a List, a HEAD, a new blob): again.
+        network.release();
+        tries += 1;
+        assert!(tries < 5, "no append was ever held:\n{log}");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Azurite stops under load; the sidecar crashes and starts again while it is away;
+    // Azurite starts again on the same port and data (which takes it seconds).
+    tokio::task::block_in_place(|| azurite.stop());
+    let outage = Instant::now();
+    let before = spool_size(&s.sidecar.path("spool"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.sidecar.stop("KILL");
+    s.sidecar.restart().await;
+    tokio::task::block_in_place(|| azurite.start_again());
+    let outage = outage.elapsed();
+    let during = spool_size(&s.sidecar.path("spool"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answered = 0;
+    for agent in agents {
+        answered += agent.await.unwrap();
+    }
+    assert!(answered > 20, "only {answered} requests were answered");
+    assert!(
+        during.0 >= before.0 + 2,
+        "the spool did not grow while Azurite was away: {before:?} → {during:?}"
+    );
+
+    let blobs = async || {
+        let names = azurite.list("audit", &prefix).await;
+        let mut text = String::new();
+        for name in &names {
+            text.push_str(&String::from_utf8(azurite.get("audit", name).await).unwrap());
+        }
+        (names, text)
+    };
+    let delivered = async || last_blob_seq(&azurite, &prefix).await;
+    until_delivered(&s, "the blobs", delivered).await;
+    assert_eq!(s.get("/echo", &token).await.unwrap().0, 200);
+    until_delivered(&s, "the blobs", delivered).await;
+
+    // Every event once, in order, from seq 1, across blobs that each hold whole events.
+    let (names, text) = blobs().await;
+    let verified = verify(&text, None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(verified.first_seq, 1);
+    assert_eq!(verified.crashes, 1, "the crash is in the trail");
+    assert!(
+        text == s.sidecar.audit(),
+        "the blobs' trail is not the file sink's"
+    );
+    assert!(names.len() >= 3, "no new blob was started: {names:?}");
+    for name in &names {
+        let blob = String::from_utf8(azurite.get("audit", name).await).unwrap();
+        assert!(blob.len() <= 1 << 20, "{name} is {} bytes", blob.len());
+        verify(&blob, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    // The late append was refused by its position, not written twice.
+    let late = azurite
+        .log()
+        .lines()
+        .filter(|l| l.contains("comp=appendblock") && l.contains("\" 412"))
+        .count();
+    assert!(
+        late >= 1,
+        "no append arrived late:\n{}\nthe sink's failures:\n{}",
+        azurite.log(),
+        s.sidecar
+            .log()
+            .lines()
+            .filter(|l| l.contains("an audit sink failed"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let after = spool_size(&s.sidecar.path("spool"));
+    assert!(after.0 <= 2, "the spool still holds {after:?}");
+    let log = s.sidecar.log();
+    assert!(log.contains("an audit sink failed"), "{log}");
+    for secret in [azurite.key.as_str(), UPSTREAM_TOKEN, "SharedKey"] {
+        assert!(!log.contains(secret), "the log holds a secret");
+        assert!(!text.contains(secret), "the blobs hold a secret");
+    }
+    eprintln!(
+        "azure: {} events in {} blobs, 0 twice; {late} late appends refused (412); {answered} requests answered; outage {outage:?}; spool {before:?} → {during:?} → {after:?}; {:?} in all",
+        verified.events.len(),
+        names.len(),
+        started.elapsed()
+    );
 }

@@ -17,7 +17,7 @@
 mod journal;
 mod sinks;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Condvar, Mutex};
@@ -29,15 +29,19 @@ use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
 use journal::Journal;
-pub use sinks::Sink;
+pub use sinks::{AzureAuth, BlobLocation, CollectorUrl, Sink};
 
 /// The audit trail (`docs/audit.md`): a spool on local disk that every event is
 /// written to first, and the sinks it is delivered to from there.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct AuditSettings {
     /// Where audit events are delivered, comma-separated: `stdout` (one JSON line per
-    /// event) and `file:<path>` (appended).
-    #[arg(long = "audit", env = "AGENTGATE_AUDIT", default_value = "stdout", value_parser = parse_sink, value_delimiter = ',')]
+    /// event), `file:<path>` (appended), an `https://` (or `http://`) collector URL
+    /// (batches POSTed as NDJSON; no credentials or query in the URL), and
+    /// `azureblob:https://<account>.blob.core.windows.net/<container>/<prefix>` (append
+    /// blobs `<prefix>-00001.jsonl`, …; one prefix per pod). Each delivers every event
+    /// once, in order (`docs/audit.md`).
+    #[arg(long = "audit", env = "AGENTGATE_AUDIT", default_value = "stdout", value_parser = sinks::SinkParser, value_delimiter = ',')]
     pub sinks: Vec<Sink>,
 
     /// The spool: a directory of this pod's own (an emptyDir), where the chain is kept
@@ -65,6 +69,55 @@ pub struct AuditSettings {
     /// `never` (left to the kernel).
     #[arg(long = "audit-fsync", env = "AGENTGATE_AUDIT_FSYNC", default_value = "1s", value_parser = parse_fsync)]
     pub fsync: Fsync,
+
+    /// The HTTP collector and Azure Blob sinks.
+    #[command(flatten)]
+    pub remote: RemoteSinkSettings,
+}
+
+/// How the sinks that send the trail over the network — an HTTP collector, Azure Blob
+/// Storage — authenticate and how long they wait.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct RemoteSinkSettings {
+    /// A file holding a bearer token for the HTTP collector (`Authorization: Bearer`),
+    /// read again for every batch. Only with an `https://` collector.
+    #[arg(
+        long = "audit-http-token-file",
+        env = "AGENTGATE_AUDIT_HTTP_TOKEN_FILE"
+    )]
+    pub http_token_file: Option<PathBuf>,
+
+    /// How the Azure Blob sink authenticates: `shared-key` (the account key in
+    /// `--audit-azure-key-file`). `workload-identity` is not implemented yet and is
+    /// refused at start.
+    #[arg(long = "audit-azure-auth", env = "AGENTGATE_AUDIT_AZURE_AUTH", value_enum, default_value_t = AzureAuth::SharedKey)]
+    pub azure_auth: AzureAuth,
+
+    /// A file holding the storage account's key (base64), for Shared Key.
+    #[arg(long = "audit-azure-key-file", env = "AGENTGATE_AUDIT_AZURE_KEY_FILE")]
+    pub azure_key_file: Option<PathBuf>,
+
+    /// The size at which the Azure Blob sink starts a new blob (at an event's start);
+    /// at most 190 GiB (an append blob holds 195 GiB and 50,000 blocks).
+    #[arg(long = "audit-azure-max-blob-bytes", env = "AGENTGATE_AUDIT_AZURE_MAX_BLOB_BYTES", default_value_t = sinks::MAX_AZURE_BLOB_BYTES)]
+    pub azure_max_blob_bytes: u64,
+
+    /// How long one exchange with a collector or the blob service may take (connect,
+    /// send, the whole answer); past it the attempt fails and is retried.
+    #[arg(long = "audit-sink-timeout", env = "AGENTGATE_AUDIT_SINK_TIMEOUT", default_value = "30s", value_parser = parse_timeout)]
+    pub timeout: Duration,
+}
+
+impl Default for RemoteSinkSettings {
+    fn default() -> Self {
+        Self {
+            http_token_file: None,
+            azure_auth: AzureAuth::SharedKey,
+            azure_key_file: None,
+            azure_max_blob_bytes: sinks::MAX_AZURE_BLOB_BYTES,
+            timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// When the audit spool is fsynced.
@@ -78,13 +131,10 @@ pub enum Fsync {
     Never,
 }
 
-fn parse_sink(s: &str) -> Result<Sink, String> {
-    match s {
-        "stdout" => Ok(Sink::Stdout),
-        _ => match s.strip_prefix("file:") {
-            Some(path) if !path.is_empty() => Ok(Sink::File(PathBuf::from(path))),
-            _ => Err(format!("{s:?} is not `stdout` or `file:<path>`")),
-        },
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match agentgate_policy::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be more than 0s".to_owned()),
+        other => other,
     }
 }
 
@@ -218,9 +268,12 @@ impl std::fmt::Debug for Audit {
 impl Audit {
     /// Opens the spool (taking its chain up), starts the writer and the sinks, and — on
     /// an existing spool — writes the `restart` event. `template` carries the pod's
-    /// fields for the events the trail writes itself.
+    /// fields for the events the trail writes itself; `extra_ca` is trusted, besides the
+    /// system roots, by the sinks that speak TLS. A sink that cannot be opened (a key,
+    /// a token, a CA that cannot be read) fails it.
     pub fn open(
         settings: &AuditSettings,
+        extra_ca: Option<&Path>,
         metrics: &Metrics,
         template: AuditEvent,
         observer: Option<Arc<dyn Observer>>,
@@ -231,21 +284,34 @@ impl Audit {
                 "--audit-segment-bytes must be at most half of --audit-spool-max-bytes (a spool is freed a whole segment at a time)",
             ));
         }
+        // Every sink is opened before anything starts (or the spool is touched): one that
+        // cannot be is a configuration error, and nothing runs.
+        let ctx = sinks::OpenContext {
+            spool: &settings.spool,
+            extra_ca,
+            remote: &settings.remote,
+        };
+        let targets = settings
+            .sinks
+            .iter()
+            .map(|sink| Ok((sink.name(), sink.open(ctx)?)))
+            .collect::<std::io::Result<Vec<_>>>()?;
         let opened = Journal::open(&settings.spool, settings.segment_bytes)?;
         let written = Arc::new(Written::default());
         written.publish(opened.journal.head().seq);
         let mut delivered = Vec::new();
-        for sink in &settings.sinks {
+        for (name, target) in targets {
             let cursor = Arc::new(AtomicU64::new(0));
             sinks::start(
-                sink.clone(),
+                target,
+                name.clone(),
                 &settings.spool,
                 written.clone(),
                 cursor.clone(),
                 opened.journal.head().seq,
                 metrics.clone(),
             )?;
-            delivered.push((sink.name(), cursor));
+            delivered.push((name, cursor));
         }
         let (tx, rx) = sync_channel(QUEUE);
         let writer = Writer {
@@ -541,8 +607,16 @@ mod tests {
             max_spool_bytes: 64 << 20,
             segment_bytes: 16 << 20,
             fsync: Fsync::Never,
+            remote: Default::default(),
         };
-        let audit = Audit::open(&settings, &Metrics::new(), AuditEvent::default(), None).unwrap();
+        let audit = Audit::open(
+            &settings,
+            None,
+            &Metrics::new(),
+            AuditEvent::default(),
+            None,
+        )
+        .unwrap();
         let huge = AuditEvent {
             request: serde_json::json!({ "sql": "x".repeat(4 << 20), "fingerprint": "f1" }),
             parameters: Some(vec!["p".repeat(200); 30_000]),
